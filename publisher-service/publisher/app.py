@@ -1,0 +1,152 @@
+"""The publisher: `POST /publish` validates events and stores them in Redis."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Any
+from urllib.parse import parse_qs
+
+import redis
+from flask import Flask, Response, jsonify, request
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from werkzeug.exceptions import HTTPException
+
+from .config import Config
+from .store import EventStore
+from .validation import InvalidRequest, event_from_form, events_from_json, parse_json
+
+log = logging.getLogger("herald.publisher")
+
+JSON_TYPES = frozenset({"application/json"})
+FORM_TYPE = "application/x-www-form-urlencoded"
+
+
+def error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    """A JSON error answer: `{"error": code, "message": message}`."""
+    response = jsonify(error=code, message=message)
+    response.status_code = status
+    response.headers.update(headers or {})
+    return response
+
+
+def make_redis(config: Config) -> redis.Redis:
+    """A Redis client for publishing.
+
+    It retries once on a broken connection (a pooled socket left over from a
+    Redis restart) but never on a timeout, where the script may already have run.
+    """
+    return redis.Redis.from_url(
+        config.redis_url,
+        socket_timeout=config.redis_timeout_seconds,
+        socket_connect_timeout=config.redis_timeout_seconds,
+        retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+    )
+
+
+class Authenticator:
+    """Checks `Authorization: Bearer <token>` against the configured tokens."""
+
+    def __init__(self, tokens: tuple[str, ...]) -> None:
+        self._tokens = [t.encode() for t in tokens]
+
+    @property
+    def open(self) -> bool:
+        return not self._tokens
+
+    def allows(self, header: str | None) -> bool:
+        """True if the header carries one of the tokens (constant-time compare)."""
+        if self.open:
+            return True
+        scheme, _, given = (header or "").partition(" ")
+        candidate = given.strip().encode()
+        # Compare against every token so timing does not reveal which one matched.
+        matches = [hmac.compare_digest(candidate, t) for t in self._tokens]
+        return scheme.lower() == "bearer" and any(matches)
+
+
+def parse_events(config: Config) -> tuple[list[Any], bool]:
+    """Read the request body into validated events according to its content type."""
+    mimetype = request.mimetype
+    if request.content_length is not None and request.content_length > config.max_body_bytes:
+        raise InvalidRequest(
+            413, "body_too_large", f"the body is over the limit of {config.max_body_bytes} bytes"
+        )
+    body = request.get_data(cache=False)
+    if len(body) > config.max_body_bytes:
+        raise InvalidRequest(
+            413, "body_too_large", f"the body is over the limit of {config.max_body_bytes} bytes"
+        )
+    if mimetype in JSON_TYPES:
+        return events_from_json(parse_json(body), config.max_batch, config.max_event_bytes)
+    if mimetype == FORM_TYPE:
+        try:
+            form = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+        except UnicodeDecodeError:
+            raise InvalidRequest(400, "invalid_form", "the form body is not valid UTF-8") from None
+        return [event_from_form(form, config.max_event_bytes)], False
+    raise InvalidRequest(
+        415,
+        "unsupported_media_type",
+        "send application/json or application/x-www-form-urlencoded",
+    )
+
+
+def create_app(config: Config | None = None) -> Flask:
+    """Build the publisher app; Redis is reached lazily, after gunicorn forks."""
+    config = config or Config.from_env()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = None  # checked by parse_events, with a JSON error
+    auth = Authenticator(config.publish_tokens)
+    if auth.open:
+        log.warning("PUBLISH_TOKEN is empty: anyone who reaches /publish can publish")
+    client = make_redis(config)
+    store = EventStore(client, config.history_maxlen)
+    app.extensions["herald.store"] = store
+    unavailable = {"Retry-After": str(config.retry_after_seconds)}
+
+    @app.post("/publish")
+    def publish() -> Response | tuple[Response, int]:
+        if not auth.allows(request.headers.get("Authorization")):
+            return error(
+                401,
+                "unauthorized",
+                "a valid bearer token is required to publish",
+                {"WWW-Authenticate": 'Bearer realm="herald"'},
+            )
+        try:
+            events, batch = parse_events(config)
+        except InvalidRequest as exc:
+            return error(exc.status, exc.code, exc.message)
+        try:
+            stored = store.publish(events)
+        except redis.RedisError as exc:
+            log.error("publish failed, Redis unavailable: %s", exc)
+            return error(503, "redis_unavailable", "events cannot be stored right now; retry later", unavailable)
+        body = [{"id": s.id, "channel": s.channel} for s in stored]
+        return jsonify({"events": body} if batch else body[0]), 202
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return jsonify(status="ok")
+
+    @app.get("/readyz")
+    def readyz() -> Response | tuple[Response, int]:
+        try:
+            store.ping()
+        except redis.RedisError as exc:
+            return error(503, "redis_unavailable", f"Redis is not reachable: {exc}", unavailable)
+        return jsonify(status="ready")
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        code = (exc.name or "error").lower().replace(" ", "_")
+        return error(exc.code or 500, code, exc.description or code)
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> Response:
+        log.exception("unexpected error")
+        return error(500, "internal_error", "an unexpected error occurred")
+
+    return app

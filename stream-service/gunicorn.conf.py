@@ -1,0 +1,43 @@
+"""gunicorn settings for the stream service; each can be overridden from the environment."""
+
+import os
+
+wsgi_app = "stream.app:create_app()"
+bind = os.environ.get("BIND", "0.0.0.0:8000")
+worker_class = "gevent"
+workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
+# The greenlet pool must be larger than MAX_CONNECTIONS, so that the service itself
+# can answer 503 (with Retry-After) to the connection over the limit.
+worker_connections = int(os.environ.get("MAX_CONNECTIONS", "10000")) + 100
+# For gevent workers this is a liveness check of the worker, not a request timeout.
+timeout = 30
+# Streams never end by themselves: on stop the app ends them (see post_worker_init),
+# and gunicorn waits this long for them to close. Keep compose's stop_grace_period above it.
+graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "10"))
+keepalive = 75
+# Never recycle stream workers: recycling cuts every open stream.
+max_requests = 0
+accesslog = "-" if os.environ.get("ACCESS_LOG", "0") == "1" else None
+errorlog = "-"
+loglevel = os.environ.get("LOG_LEVEL", "info")
+# Do not preload: Redis clients must be created after the fork and gevent's patching.
+preload_app = False
+
+
+def post_worker_init(worker):  # type: ignore[no-untyped-def]
+    """End every open stream cleanly as soon as the worker is told to stop.
+
+    gunicorn's gevent worker only stops accepting on TERM and then waits for open
+    requests; SSE streams would hold it until graceful_timeout and then be cut.
+    Ending them at once lets browsers reconnect (to another replica) right away.
+    """
+    import gevent
+
+    def watch() -> None:
+        while worker.alive:
+            gevent.sleep(0.2)
+        hub = worker.wsgi.extensions.get("herald.hub")
+        if hub is not None:
+            hub.shutdown()
+
+    gevent.spawn(watch)

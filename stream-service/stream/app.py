@@ -1,0 +1,250 @@
+"""The stream service: `GET /stream` turns Redis subscriptions into Server-Sent Events."""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+from collections.abc import Iterator
+
+import gevent
+import redis
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from . import sse
+from .config import Config
+from .history import BadEventId, History, Position
+from .hub import Hub, Unavailable, event_frame, reset_frame
+from .subscriber import CONTROL, Subscriber
+
+log = logging.getLogger("herald.stream")
+
+CHANNEL_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+HEARTBEAT = sse.comment(b"hb")
+HISTORY_CHUNK_BYTES = 65536
+
+
+class BadRequest(Exception):
+    """A stream request refused before the stream starts."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    """A JSON error answer: `{"error": code, "message": message}`."""
+    response = jsonify(error=code, message=message)
+    response.status_code = status
+    response.headers.update(headers or {})
+    return response
+
+
+def parse_channels(values: list[str], limit: int) -> list[str]:
+    """The requested channels, validated and de-duplicated in order."""
+    if not values:
+        raise BadRequest("missing_channel", "give at least one channel: /stream?channel=<name>")
+    channels = list(dict.fromkeys(values))
+    if len(channels) > limit:
+        raise BadRequest("too_many_channels", f"at most {limit} channels per stream, got {len(channels)}")
+    for channel in channels:
+        if not CHANNEL_RE.fullmatch(channel):
+            raise BadRequest(
+                "invalid_channel", "a channel is 1-128 characters of A-Z a-z 0-9 _ . : -"
+            )
+    return channels
+
+
+def parse_last_event_id() -> Position | None:
+    """The resume point: the Last-Event-ID header (reconnects), else ?lastEventId=."""
+    raw = request.headers.get("Last-Event-ID")
+    if raw is None or not raw.strip():
+        raw = request.args.get("lastEventId")
+    if raw is None or not raw.strip():
+        return None
+    try:
+        return Position.parse(raw)
+    except BadEventId as exc:
+        raise BadRequest("invalid_last_event_id", str(exc)) from None
+
+
+def watch_disconnect(sock: socket.socket | None, sub: Subscriber) -> object | None:
+    """Close `sub` as soon as its peer hangs up, without waiting for a failed write.
+
+    An SSE client sends nothing after its request, so the socket becomes
+    readable only when the peer closes it (EOF).
+    """
+    if sock is None:
+        return None
+    watcher = gevent.get_hub().loop.io(sock.fileno(), 1)
+
+    def readable() -> None:
+        try:
+            peeked = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            peeked = b""
+        watcher.stop()
+        if not peeked:
+            sub.close("gone")
+
+    watcher.start(readable)
+    return watcher
+
+
+class Streamer:
+    """Opens streams: attach to the hub, replay what the client missed, then go live."""
+
+    def __init__(self, config: Config, hub: Hub, history: History) -> None:
+        self._config = config
+        self._hub = hub
+        self._history = history
+        self._preamble = sse.comment(b"ok") + sse.retry(config.retry_ms)
+
+    def open(self, channels: list[str], last: Position | None) -> Iterator[bytes]:
+        """Start a stream, or raise Unavailable; the result is the response body."""
+        sock = request.environ.get("gunicorn.socket")
+        sub = Subscriber(channels, self._config.client_buffer_bytes, sock)
+        start, new_channels = self._hub.attach(sub)
+        try:
+            head, replay, floor = self._catch_up(sub, start, last, new_channels)
+        except redis.RedisError as exc:
+            self._hub.detach(sub)
+            raise Unavailable(f"history could not be read: {exc}") from exc
+        watcher = watch_disconnect(sock, sub)
+        return self._body(sub, head, replay, floor, watcher)
+
+    def _catch_up(
+        self, sub: Subscriber, start: Position, last: Position | None, new_channels: bool
+    ) -> tuple[bytes, list[bytes], int]:
+        """The first frame, the replayed frames, and the last seq they cover."""
+        channels = list(sub.channels)
+        if last is None:
+            # A fresh stream starts at the hub's position. The id-only frame lets the
+            # browser resume from there even if the stream drops before any event.
+            head, after, check = sse.position(str(start).encode()), start, False
+            if not new_channels:
+                return head, [], start.seq
+        else:
+            head, after, check = b"", last, True
+            self._hub.stats["resumes"] += 1
+        replay = self._history.read(channels, after, check=check)
+        if replay.reset:
+            self._hub.stats["resets"] += 1
+            continue_at = Position(replay.epoch, replay.seq)
+            return reset_frame(replay.reset, continue_at), [], replay.seq
+        epoch = replay.epoch.encode()
+        frames = [event_frame(epoch, str(e.seq).encode(), e.event, e.data) for e in replay.events]
+        floor = replay.events[-1].seq if replay.events else after.seq
+        return head, frames, max(floor, after.seq)
+
+    def _body(
+        self, sub: Subscriber, head: bytes, replay: list[bytes], floor: int, watcher: object | None
+    ) -> Iterator[bytes]:
+        try:
+            yield self._preamble + head
+            chunk: list[bytes] = []
+            size = 0
+            for frame in replay:
+                chunk.append(frame)
+                size += len(frame)
+                if size >= HISTORY_CHUNK_BYTES:
+                    yield b"".join(chunk)
+                    chunk, size = [], 0
+            if chunk:
+                yield b"".join(chunk)
+            yield from self._live(sub, floor)
+        finally:
+            if watcher is not None:
+                watcher.stop()  # type: ignore[attr-defined]
+            self._hub.detach(sub)
+
+    def _live(self, sub: Subscriber, last: int) -> Iterator[bytes]:
+        heartbeat = self._config.heartbeat_seconds
+        while True:
+            items = sub.take(heartbeat)
+            if sub.closed:
+                return
+            if not items:
+                yield HEARTBEAT
+                continue
+            out = []
+            for seq, frame in items:
+                if seq > last:
+                    out.append(frame)
+                    last = seq
+                elif seq == CONTROL:
+                    out.append(frame)
+                    last = CONTROL  # a new epoch: its numbers start again
+            if out:
+                yield b"".join(out)
+
+
+def create_app(config: Config | None = None) -> Flask:
+    """Build the stream app. The hub connects to Redis on first use, after the fork."""
+    config = config or Config.from_env()
+    app = Flask(__name__)
+    commands = redis.Redis(
+        connection_pool=redis.BlockingConnectionPool.from_url(
+            config.redis_url,
+            max_connections=config.redis_pool_size,
+            timeout=config.subscribe_timeout_seconds,
+            socket_timeout=config.subscribe_timeout_seconds,
+            socket_connect_timeout=config.subscribe_timeout_seconds,
+        )
+    )
+    history = History(commands)
+    hub = Hub(config, commands, history)
+    streamer = Streamer(config, hub, history)
+    app.extensions["herald.hub"] = hub
+    unavailable = {"Retry-After": str(config.retry_after_seconds)}
+
+    @app.get("/stream")
+    def stream() -> Response:
+        try:
+            channels = parse_channels(request.args.getlist("channel"), config.max_channels_per_stream)
+            last = parse_last_event_id()
+        except BadRequest as exc:
+            return error(400, exc.code, exc.message)
+        if hub.clients >= config.max_connections:
+            return error(503, "too_many_connections", "this worker is at its connection limit", unavailable)
+        try:
+            body = streamer.open(channels, last)
+        except Unavailable as exc:
+            return error(503, "unavailable", str(exc), unavailable)
+        headers = {
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        }
+        return Response(body, mimetype="text/event-stream", headers=headers)
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return jsonify(status="ok")
+
+    @app.get("/readyz")
+    def readyz() -> Response:
+        try:
+            commands.ping()
+        except redis.RedisError as exc:
+            return error(503, "redis_unavailable", f"Redis is not reachable: {exc}", unavailable)
+        return jsonify(status="ready")
+
+    @app.get("/stats")
+    def stats() -> Response:
+        return jsonify(hub.snapshot())
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        code = (exc.name or "error").lower().replace(" ", "_")
+        return error(exc.code or 500, code, exc.description or code)
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> Response:
+        log.exception("unexpected error")
+        return error(500, "internal_error", "an unexpected error occurred")
+
+    return app

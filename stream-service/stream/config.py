@@ -1,0 +1,57 @@
+"""Stream service configuration, read from environment variables only."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+class ConfigError(ValueError):
+    """An environment variable has a value the service cannot use."""
+
+
+def _number(env: Mapping[str, str], name: str, default: float, minimum: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {raw}")
+    return value
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings of the stream service; see .env.example for each one."""
+
+    redis_url: str = "redis://localhost:6379/0"
+    max_channels_per_stream: int = 16
+    retry_ms: int = 3000
+    heartbeat_seconds: float = 15.0
+    max_connections: int = 10000
+    client_buffer_bytes: int = 262144
+    watchdog_seconds: float = 10.0
+    subscribe_timeout_seconds: float = 5.0
+    redis_pool_size: int = 8
+    retry_after_seconds: int = 2
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
+        """Build the configuration from `env` (default: the process environment)."""
+        env = os.environ if env is None else env
+        return cls(
+            redis_url=env.get("REDIS_URL", "").strip() or cls.redis_url,
+            max_channels_per_stream=int(_number(env, "MAX_CHANNELS_PER_STREAM", 16, 1)),
+            retry_ms=int(_number(env, "RETRY_MS", 3000, 0)),
+            heartbeat_seconds=_number(env, "HEARTBEAT_SECONDS", 15.0, 0.1),
+            max_connections=int(_number(env, "MAX_CONNECTIONS", 10000, 1)),
+            client_buffer_bytes=int(_number(env, "CLIENT_BUFFER_BYTES", 262144, 1024)),
+            watchdog_seconds=_number(env, "WATCHDOG_SECONDS", 10.0, 0.5),
+            subscribe_timeout_seconds=_number(env, "SUBSCRIBE_TIMEOUT_SECONDS", 5.0, 0.1),
+            redis_pool_size=int(_number(env, "REDIS_POOL_SIZE", 8, 1)),
+            retry_after_seconds=int(_number(env, "RETRY_AFTER_SECONDS", 2, 1)),
+        )

@@ -1,0 +1,137 @@
+"""Resume from history: the stream service's read side of the Redis contract.
+
+One read-only Lua script returns, atomically, the current epoch and sequence
+number and, for each channel, the events after a position together with the
+highest id that trimming has removed. From that we either replay exactly the
+missed events, merged across channels in publish order, or tell the client to
+reset (docs/redis-contract.md, "Reading history").
+"""
+
+from __future__ import annotations
+
+import heapq
+import re
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import redis
+
+META_KEY = "herald:meta"
+STREAM_PREFIX = "herald:stream:"
+
+EVENT_ID_RE = re.compile(r"([0-9a-f]{12})-([0-9]{1,18})")
+
+# KEYS[1] = meta hash, KEYS[2..] = channel streams; ARGV[1] = position (seq).
+READ_LUA = """
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq')
+local out = {meta[1] or '', meta[2] or '0'}
+for i = 2, #KEYS do
+  local deleted = '0-0'
+  local entries = {}
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    local info = redis.call('XINFO', 'STREAM', KEYS[i])
+    for j = 1, #info, 2 do
+      if info[j] == 'max-deleted-entry-id' then deleted = info[j + 1] end
+    end
+    entries = redis.call('XRANGE', KEYS[i], '(' .. ARGV[1] .. '-0', '+')
+  end
+  out[#out + 1] = deleted
+  out[#out + 1] = entries
+end
+return out
+"""
+
+
+def new_epoch() -> str:
+    """A fresh random epoch (12 hex digits), offered with HSETNX; the first one wins."""
+    return secrets.token_hex(6)
+
+
+class BadEventId(ValueError):
+    """A Last-Event-ID / lastEventId that is not `<12 hex epoch>-<seq>`."""
+
+
+@dataclass(frozen=True)
+class Position:
+    """A point in the event sequence: an epoch and the last sequence number seen."""
+
+    epoch: str
+    seq: int
+
+    @classmethod
+    def parse(cls, text: str) -> Position:
+        """Parse an event id as sent in `id:` fields; raise BadEventId otherwise."""
+        match = EVENT_ID_RE.fullmatch(text.strip())
+        if not match:
+            raise BadEventId("the last event id must look like <12 hex digits>-<number>")
+        return cls(match[1], int(match[2]))
+
+    def __str__(self) -> str:
+        return f"{self.epoch}-{self.seq}"
+
+
+@dataclass(frozen=True)
+class HistoryEvent:
+    """One event read back from a channel's history stream."""
+
+    seq: int
+    channel: str
+    event: bytes
+    data: bytes
+
+
+@dataclass
+class Replay:
+    """What a resuming client gets: the missed events, or a reset and why."""
+
+    epoch: str
+    seq: int  # the newest sequence number in Redis when history was read
+    events: list[HistoryEvent] = field(default_factory=list)
+    reset: str | None = None
+
+
+def _seq(entry_id: bytes) -> int:
+    return int(entry_id.split(b"-", 1)[0])
+
+
+def _entries(channel: str, raw: list[list[bytes | list[bytes]]]) -> list[HistoryEvent]:
+    events = []
+    for entry_id, fields in raw:
+        assert isinstance(entry_id, bytes) and isinstance(fields, list)
+        values = dict(zip(fields[::2], fields[1::2], strict=True))
+        event = values.get(b"event", b"message")
+        events.append(HistoryEvent(_seq(entry_id), channel, event, values.get(b"data", b"null")))
+    return events
+
+
+class History:
+    """Reads missed events for a set of channels from Redis."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._script = client.register_script(READ_LUA)
+
+    def read(self, channels: Sequence[str], after: Position, *, check: bool = True) -> Replay:
+        """Events on `channels` after `after`, in publish order.
+
+        With `check`, a replay that cannot be complete becomes a reset instead:
+        another epoch, an unknown (future) position, or trimmed history.
+        """
+        keys = [META_KEY] + [STREAM_PREFIX + c for c in channels]
+        raw = self._script(keys=keys, args=[after.seq])
+        epoch, seq = raw[0].decode(), int(raw[1])
+        replay = Replay(epoch, seq)
+        if check and epoch != after.epoch:
+            replay.reset = "epoch_changed"
+        elif check and after.seq > seq:
+            replay.reset = "unknown_id"
+        if replay.reset:
+            return replay
+        per_channel = []
+        for channel, deleted, entries in zip(channels, raw[2::2], raw[3::2], strict=True):
+            if check and _seq(deleted) > after.seq:
+                replay.reset = "history_trimmed"
+                return replay
+            per_channel.append(_entries(channel, entries))
+        replay.events = list(heapq.merge(*per_channel, key=lambda e: e.seq))
+        return replay

@@ -1,0 +1,374 @@
+"""The hub: one Redis Pub/Sub connection per worker, fanned out to local clients.
+
+A channel is subscribed in Redis when its first local client arrives and
+unsubscribed when its last one leaves. Each live event is encoded to SSE bytes
+once; the same bytes object goes into the buffer of every subscriber.
+
+The hub owns its connection: when it breaks, or goes quiet for longer than the
+watchdog allows (a hung Redis sends nothing and raises nothing), the hub
+reconnects with backoff, re-subscribes, and replays from history every event
+it missed, so connected clients lose nothing. Sequence numbers are global and
+increasing, so the hub drops anything at or below the last one it dispatched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from typing import Any
+
+import gevent
+import redis
+from gevent.event import Event
+from gevent.lock import Semaphore
+from redis.connection import AbstractConnection, ConnectionPool
+
+from . import sse
+from .config import Config
+from .history import META_KEY, History, HistoryEvent, Position, new_epoch
+from .subscriber import CONTROL, Subscriber
+
+log = logging.getLogger("herald.stream.hub")
+
+LIVE_PREFIX = b"herald:live:"
+
+
+class Unavailable(Exception):
+    """The hub cannot serve a new client now (Redis unreachable, shutting down)."""
+
+
+class WatchdogExpired(Exception):
+    """Nothing came from Redis for longer than the watchdog allows."""
+
+
+def event_frame(epoch: bytes, seq: bytes, event: bytes, data: bytes) -> bytes:
+    """The SSE frame of one event; its id is `<epoch>-<seq>`."""
+    return sse.frame(data, event=event, id=epoch + b"-" + seq)
+
+
+def reset_frame(reason: str, position: Position) -> bytes:
+    """A `reset` event: history cannot cover the gap; the client continues from `position`."""
+    data = json.dumps({"reason": reason}).encode()
+    return sse.frame(data, event=b"reset", id=str(position).encode())
+
+
+class Hub:
+    """Subscriptions, fan-out and recovery for one worker process."""
+
+    def __init__(self, config: Config, commands: redis.Redis, history: History) -> None:
+        self._config = config
+        self._commands = commands
+        self._history = history
+        self._pool = ConnectionPool.from_url(
+            config.redis_url,
+            protocol=2,  # RESP2: Pub/Sub messages as plain replies on this connection
+            socket_timeout=config.watchdog_seconds,
+            socket_connect_timeout=config.subscribe_timeout_seconds,
+        )
+        self._conn: AbstractConnection | None = None
+        self._send_lock: Semaphore | None = None
+        self._greenlet: gevent.Greenlet | None = None
+        self._stopping = False
+        self._filling = False
+        self._changed = Event()  # replaced on every change; waiters wait on the old one
+        self._subs: dict[bytes, set[Subscriber]] = {}
+        self._pending: dict[bytes, int] = {}  # SUBSCRIBE commands not yet confirmed
+        self._active: set[bytes] = set()  # confirmed, and history filled
+        self.epoch: str | None = None
+        self._epoch_b = b""
+        self.position = 0  # the last sequence number dispatched
+        self.clients = 0
+        self.stats = {"delivered": 0, "dropped_slow": 0, "reconnects": 0, "resets": 0, "resumes": 0}
+
+    # -- life cycle -------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the reader greenlet (once, in the worker that serves clients)."""
+        if self._greenlet is None:
+            self._send_lock = Semaphore()
+            self._greenlet = gevent.spawn(self._run)
+
+    def shutdown(self) -> None:
+        """End every stream cleanly (the worker is stopping) and stop reading."""
+        self._stopping = True
+        for sub in {s for subs in self._subs.values() for s in subs}:
+            sub.close("shutdown")
+        self._broadcast()
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._filling
+
+    def snapshot(self) -> dict[str, Any]:
+        """Gauges and counters of this worker, for /stats and the tests."""
+        return {
+            "clients": self.clients,
+            "channels": len(self._subs),
+            "subscribed": len(self._active),
+            "connected": self.connected,
+            "epoch": self.epoch,
+            "position": self.position,
+            **self.stats,
+        }
+
+    # -- clients ----------------------------------------------------------
+
+    def attach(self, sub: Subscriber) -> tuple[Position, bool]:
+        """Register `sub` and wait until all its channels are live.
+
+        Returns the position from which the hub delivers to it, and whether any
+        of its channels had to be newly subscribed (events published on those
+        before the subscription took effect must come from history).
+        """
+        if self._stopping:
+            raise Unavailable("the worker is shutting down")
+        self.start()
+        deadline = time.monotonic() + self._config.subscribe_timeout_seconds
+        if not self._wait(lambda: self.connected, deadline):
+            raise Unavailable("Redis is not reachable")
+        assert self.epoch is not None
+        keys = [LIVE_PREFIX + c.encode() for c in sub.channels]
+        new = []
+        for key in keys:
+            subs = self._subs.get(key)
+            if subs is None:
+                subs = self._subs[key] = set()
+                new.append(key)
+            subs.add(sub)
+        self.clients += 1
+        start = Position(self.epoch, self.position)
+        to_send = [k for k in new if k not in self._pending]
+        if to_send:
+            for key in to_send:
+                self._pending[key] = self._pending.get(key, 0) + 1
+            self._send_quietly("SUBSCRIBE", *to_send)
+        if not self._wait(lambda: all(k in self._active for k in keys), deadline):
+            self.detach(sub)
+            raise Unavailable("the subscription did not take effect in time")
+        return start, bool(new)
+
+    def detach(self, sub: Subscriber) -> None:
+        """Forget `sub`; unsubscribe channels it was the last local client of."""
+        self.clients -= 1
+        gone = []
+        for channel in sub.channels:
+            key = LIVE_PREFIX + channel.encode()
+            subs = self._subs.get(key)
+            if subs is None:
+                continue
+            subs.discard(sub)
+            if not subs:
+                del self._subs[key]
+                if key in self._active:
+                    self._active.discard(key)
+                    gone.append(key)
+                # A channel still pending is unsubscribed when its confirmation arrives.
+        if gone:
+            self._send_quietly("UNSUBSCRIBE", *gone)
+
+    # -- the reader greenlet ------------------------------------------------
+
+    def _run(self) -> None:
+        backoff = 0.05
+        while not self._stopping:
+            try:
+                self._connect()
+                backoff = 0.05
+                self._read_forever()
+            except (redis.RedisError, OSError, WatchdogExpired) as exc:
+                if not self._stopping:
+                    log.warning("Redis Pub/Sub connection lost (%s); reconnecting", exc)
+            finally:
+                self._disconnect()
+            if self._stopping:
+                break
+            self.stats["reconnects"] += 1
+            gevent.sleep(backoff * random.uniform(0.5, 1.0))
+            backoff = min(backoff * 2, 2.0)
+
+    def _connect(self) -> None:
+        conn = self._pool.make_connection()
+        conn.connect()
+        self._conn = conn
+        self._filling = True
+        resumed = self.epoch is not None
+        epoch, seq = self._meta()
+        if self.epoch is not None and (epoch != self.epoch or seq < self.position):
+            self._reset_all("epoch_changed", Position(epoch, seq))
+            resumed = False
+        if not resumed:
+            self.epoch, self._epoch_b, self.position = epoch, epoch.encode(), seq
+        self._active.clear()
+        self._pending = {key: 1 for key in self._subs}
+        if self._pending:
+            self._send("SUBSCRIBE", *self._pending)
+        held = self._await_confirmations()
+        if resumed and self._subs:
+            self._fill_gap()
+        for channel, payload in held:
+            self._on_message(channel, payload)
+        self._filling = False
+        self._active.update(k for k in self._subs if k not in self._pending)
+        self._broadcast()
+        log.info("Pub/Sub connected: epoch %s, position %d, %d channels", self.epoch, self.position, len(self._subs))
+
+    def _meta(self) -> tuple[str, int]:
+        pipe = self._commands.pipeline(transaction=True)
+        pipe.hsetnx(META_KEY, "epoch", new_epoch())
+        pipe.hmget(META_KEY, "epoch", "seq")
+        _, (epoch, seq) = pipe.execute()
+        return epoch.decode(), int(seq or 0)
+
+    def _await_confirmations(self) -> list[tuple[bytes, bytes]]:
+        """Read until every pending SUBSCRIBE is confirmed, holding back events."""
+        held: list[tuple[bytes, bytes]] = []
+        deadline = time.monotonic() + self._config.subscribe_timeout_seconds
+        while self._pending:
+            reply = self._read(deadline)
+            if reply[0] == b"message":
+                held.append((reply[1], reply[2]))
+            else:
+                self._on_control(reply)
+        return held
+
+    def _fill_gap(self) -> None:
+        """Dispatch, from history, what was published while the hub was away."""
+        channels = [k[len(LIVE_PREFIX) :].decode() for k in self._subs]
+        assert self.epoch is not None
+        replay = self._history.read(channels, Position(self.epoch, self.position), check=False)
+        for e in replay.events:
+            self._dispatch_history(e)
+
+    def _dispatch_history(self, e: HistoryEvent) -> None:
+        seqb = str(e.seq).encode()
+        self._dispatch(LIVE_PREFIX + e.channel.encode(), e.seq, event_frame(self._epoch_b, seqb, e.event, e.data))
+
+    def _read_forever(self) -> None:
+        watchdog = self._config.watchdog_seconds
+        assert self._conn is not None
+        conn = self._conn
+        last = time.monotonic()
+        pinged = False
+        while not self._stopping:
+            if conn.can_read(timeout=min(1.0, watchdog / 4)):
+                reply = conn.read_response()
+                last = time.monotonic()
+                pinged = False
+                if reply[0] == b"message":
+                    self._on_message(reply[1], reply[2])
+                else:
+                    self._on_control(reply)
+                continue
+            idle = time.monotonic() - last
+            if idle > watchdog:
+                raise WatchdogExpired(f"no answer from Redis for {idle:.1f} s")
+            if idle > watchdog / 2 and not pinged:
+                self._send("PING")
+                pinged = True
+
+    def _read(self, deadline: float) -> Any:
+        assert self._conn is not None
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not self._conn.can_read(timeout=remaining):
+            raise WatchdogExpired("Redis did not confirm the subscriptions in time")
+        return self._conn.read_response()
+
+    def _disconnect(self) -> None:
+        conn, self._conn = self._conn, None
+        self._filling = False
+        self._active.clear()
+        self._pending.clear()
+        if conn is not None:
+            conn.disconnect()
+        self._broadcast()
+
+    # -- dispatch ----------------------------------------------------------
+
+    def _on_control(self, reply: list[Any]) -> None:
+        kind = reply[0]
+        if kind != b"subscribe":
+            return  # unsubscribe confirmations and PING answers need nothing
+        key = reply[1]
+        left = self._pending.get(key, 0) - 1
+        if left > 0:
+            self._pending[key] = left
+            return
+        self._pending.pop(key, None)
+        if key not in self._subs:
+            self._send_quietly("UNSUBSCRIBE", key)  # its last client left while pending
+        elif not self._filling:
+            self._active.add(key)
+            self._broadcast()
+
+    def _on_message(self, channel: bytes, payload: bytes) -> None:
+        try:
+            epoch, seqb, event, data = payload.split(b" ", 3)
+            seq = int(seqb)
+        except ValueError:
+            log.error("ignoring a malformed Pub/Sub message on %r", channel)
+            return
+        if epoch != self._epoch_b:
+            # Redis lost its data while we stayed connected: a new epoch began.
+            new = epoch.decode()
+            self._reset_all("epoch_changed", Position(new, seq - 1))
+            self.epoch, self._epoch_b, self.position = new, epoch, 0
+        if seq <= self.position:
+            return  # already dispatched from history during recovery
+        try:
+            frame = event_frame(epoch, seqb, event, data)
+        except ValueError:
+            log.error("ignoring event %d with a malformed name on %r", seq, channel)
+            return
+        self._dispatch(channel, seq, frame)
+
+    def _dispatch(self, channel: bytes, seq: int, frame: bytes) -> None:
+        self.position = seq
+        subs = self._subs.get(channel)
+        if not subs:
+            return
+        dropped = 0
+        for sub in subs:
+            if not sub.push(seq, frame):
+                dropped += 1
+        self.stats["delivered"] += len(subs) - dropped
+        self.stats["dropped_slow"] += dropped
+
+    def _reset_all(self, reason: str, position: Position) -> None:
+        frame = reset_frame(reason, position)
+        subs = {s for subs in self._subs.values() for s in subs}
+        for sub in subs:
+            sub.push(CONTROL, frame)
+        self.stats["resets"] += len(subs)
+        log.warning("epoch changed to %s: %d clients told to reset", position.epoch, len(subs))
+
+    # -- helpers -----------------------------------------------------------
+
+    def _send(self, *args: Any) -> None:
+        conn = self._conn
+        if conn is None:
+            raise redis.ConnectionError("not connected")
+        assert self._send_lock is not None
+        with self._send_lock:
+            conn.send_command(*args)
+
+    def _send_quietly(self, *args: Any) -> None:
+        """Send a command; if the connection is broken the reader reconnects anyway."""
+        try:
+            self._send(*args)
+        except (redis.RedisError, OSError) as exc:
+            log.info("could not send %s (%s); the reconnect will catch up", args[0], exc)
+
+    def _broadcast(self) -> None:
+        changed, self._changed = self._changed, Event()
+        changed.set()
+
+    def _wait(self, condition: Any, deadline: float) -> bool:
+        while not condition():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._stopping:
+                return False
+            self._changed.wait(remaining)
+        return True
+

@@ -1,0 +1,74 @@
+"""One connected SSE client: a bounded buffer of encoded frames.
+
+The hub pushes frames; the client's own greenlet takes them all at once and
+writes them in one chunk. A client whose buffer outgrows its byte limit is
+disconnected (it comes back with its Last-Event-ID), so memory stays bounded
+however slow a client is.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import deque
+from collections.abc import Iterable
+
+from gevent.event import Event
+
+# A frame that is not an event (a reset): always delivered, and it lets the
+# events after it through whatever their sequence number (a new epoch).
+CONTROL = -1
+
+
+class Subscriber:
+    """A client's channels, its buffer of (seq, frame) items, and its state."""
+
+    __slots__ = ("channels", "_items", "_bytes", "_limit", "_wakeup", "_sock", "closed")
+
+    def __init__(self, channels: Iterable[str], limit_bytes: int, sock: socket.socket | None) -> None:
+        self.channels = tuple(channels)
+        self._items: deque[tuple[int, bytes]] = deque()
+        self._bytes = 0
+        self._limit = limit_bytes
+        self._wakeup = Event()
+        self._sock = sock
+        self.closed: str | None = None  # why the stream must end, once it must
+
+    def push(self, seq: int, frame: bytes) -> bool:
+        """Queue a frame; False (and the client is dropped) if it is too far behind."""
+        if self.closed:
+            return False
+        self._items.append((seq, frame))
+        self._bytes += len(frame)
+        if self._bytes > self._limit:
+            self.close("slow", cut=True)
+            return False
+        self._wakeup.set()
+        return True
+
+    def take(self, timeout: float) -> list[tuple[int, bytes]]:
+        """Everything queued, waiting up to `timeout` s for something; [] on timeout."""
+        if not self._items and not self.closed:
+            self._wakeup.clear()
+            self._wakeup.wait(timeout)
+        items = list(self._items)
+        self._items.clear()
+        self._bytes = 0
+        return items
+
+    def close(self, reason: str, *, cut: bool = False) -> None:
+        """End the stream. With `cut`, also shut the socket down.
+
+        Cutting is for a client that does not read: its greenlet may be blocked
+        writing to a full socket, and only failing that write frees it.
+        """
+        if self.closed:
+            return
+        self.closed = reason
+        self._items.clear()
+        self._bytes = 0
+        self._wakeup.set()
+        if cut and self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
