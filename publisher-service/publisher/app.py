@@ -102,7 +102,7 @@ def create_app(config: Config | None = None) -> Flask:
     if auth.open:
         log.warning("PUBLISH_TOKEN is empty: anyone who reaches /publish can publish")
     client = make_redis(config)
-    store = EventStore(client, config.history_maxlen)
+    store = EventStore(client, config.history_maxlen, config.history_ttl_seconds)
     app.extensions["herald.store"] = store
     unavailable = {"Retry-After": str(config.retry_after_seconds)}
 
@@ -123,7 +123,9 @@ def create_app(config: Config | None = None) -> Flask:
             stored = store.publish(events)
         except redis.RedisError as exc:
             log.error("publish failed, Redis unavailable: %s", exc)
-            return error(503, "redis_unavailable", "events cannot be stored right now; retry later", unavailable)
+            return error(
+                503, "redis_unavailable", "events cannot be stored right now; retry later", unavailable
+            )
         body = [{"id": s.id, "channel": s.channel} for s in stored]
         return jsonify({"events": body} if batch else body[0]), 202
 

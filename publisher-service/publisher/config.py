@@ -34,6 +34,7 @@ class Config:
     max_event_bytes: int = 65536
     max_body_bytes: int = 1048576
     history_maxlen: int = 1000
+    history_ttl_seconds: int = 604800
     redis_timeout_seconds: float = 2.0
     retry_after_seconds: int = 2
 
@@ -49,6 +50,7 @@ class Config:
             max_event_bytes=_int(env, "MAX_EVENT_BYTES", cls.max_event_bytes),
             max_body_bytes=_int(env, "MAX_BODY_BYTES", cls.max_body_bytes),
             history_maxlen=_int(env, "HISTORY_MAXLEN", cls.history_maxlen),
+            history_ttl_seconds=_int(env, "HISTORY_TTL_SECONDS", cls.history_ttl_seconds, minimum=0),
             redis_timeout_seconds=_int(env, "REDIS_TIMEOUT_MS", 2000) / 1000,
             retry_after_seconds=_int(env, "RETRY_AFTER_SECONDS", cls.retry_after_seconds),
         )

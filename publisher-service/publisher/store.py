@@ -16,22 +16,28 @@ import redis
 from .validation import Event
 
 META_KEY = "herald:meta"
+CHANNELS_KEY = "herald:channels"
 STREAM_PREFIX = "herald:stream:"
 LIVE_PREFIX = "herald:live:"
 
-# KEYS[1] = meta hash, KEYS[1+i] = stream of event i.
-# ARGV[1] = candidate epoch, ARGV[2] = history maxlen,
-# then per event: live channel, event name, data.
+# KEYS[1] = meta hash, KEYS[2] = channels hash, KEYS[2+i] = stream of event i.
+# ARGV[1] = candidate epoch, ARGV[2] = history maxlen, ARGV[3] = idle TTL (0: none),
+# then per event: channel, event name, data.
 PUBLISH_LUA = """
 redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local ttl = tonumber(ARGV[3])
 local seqs = {}
-for i = 2, #KEYS do
-  local a = 3 + (i - 2) * 3
+for i = 3, #KEYS do
+  local a = 4 + (i - 3) * 3
+  local channel, event, data = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+  local prev = redis.call('HGET', KEYS[2], channel) or '0'
+  redis.call('HSET', KEYS[2], channel, seq)
   redis.call('XADD', KEYS[i], 'MAXLEN', '~', ARGV[2], seq .. '-0',
-             'event', ARGV[a + 1], 'data', ARGV[a + 2])
-  redis.call('PUBLISH', ARGV[a], epoch .. ' ' .. seq .. ' ' .. ARGV[a + 1] .. ' ' .. ARGV[a + 2])
+             'event', event, 'data', data, 'prev', prev)
+  if ttl > 0 then redis.call('EXPIRE', KEYS[i], ttl) end
+  redis.call('PUBLISH', 'herald:live:' .. channel, epoch .. ' ' .. seq .. ' ' .. event .. ' ' .. data)
   seqs[#seqs + 1] = seq
 end
 return {epoch, seqs}
@@ -54,17 +60,18 @@ class Stored:
 class EventStore:
     """Writes events to Redis following the contract."""
 
-    def __init__(self, client: redis.Redis, history_maxlen: int) -> None:
+    def __init__(self, client: redis.Redis, history_maxlen: int, history_ttl_seconds: int = 0) -> None:
         self._client = client
         self._maxlen = history_maxlen
+        self._ttl = history_ttl_seconds
         self._script = client.register_script(PUBLISH_LUA)
 
     def publish(self, events: Sequence[Event]) -> list[Stored]:
         """Store and announce `events` atomically, in order; return their ids."""
-        keys = [META_KEY] + [STREAM_PREFIX + e.channel for e in events]
-        args: list[str | int] = [new_epoch(), self._maxlen]
+        keys = [META_KEY, CHANNELS_KEY] + [STREAM_PREFIX + e.channel for e in events]
+        args: list[str | int] = [new_epoch(), self._maxlen, self._ttl]
         for e in events:
-            args += [LIVE_PREFIX + e.channel, e.event, e.data]
+            args += [e.channel, e.event, e.data]
         epoch, seqs = self._script(keys=keys, args=args)
         epoch = epoch.decode() if isinstance(epoch, bytes) else epoch
         return [Stored(f"{epoch}-{seq}", e.channel) for e, seq in zip(events, seqs, strict=True)]

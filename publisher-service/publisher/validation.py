@@ -64,9 +64,7 @@ def parse_json(body: bytes) -> Any:
     except UnicodeDecodeError:
         raise _bad("the request body is not valid UTF-8", "invalid_json") from None
     try:
-        return json.loads(
-            text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants
-        )
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
     except InvalidRequest:
         raise
     except RecursionError:

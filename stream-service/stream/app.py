@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import socket
 from collections.abc import Iterator
+from typing import Any
 
 import gevent
 import redis
@@ -51,9 +53,7 @@ def parse_channels(values: list[str], limit: int) -> list[str]:
         raise BadRequest("too_many_channels", f"at most {limit} channels per stream, got {len(channels)}")
     for channel in channels:
         if not CHANNEL_RE.fullmatch(channel):
-            raise BadRequest(
-                "invalid_channel", "a channel is 1-128 characters of A-Z a-z 0-9 _ . : -"
-            )
+            raise BadRequest("invalid_channel", "a channel is 1-128 characters of A-Z a-z 0-9 _ . : -")
     return channels
 
 
@@ -70,7 +70,7 @@ def parse_last_event_id() -> Position | None:
         raise BadRequest("invalid_last_event_id", str(exc)) from None
 
 
-def watch_disconnect(sock: socket.socket | None, sub: Subscriber) -> object | None:
+def watch_disconnect(sock: socket.socket | None, sub: Subscriber) -> Any:
     """Close `sub` as soon as its peer hangs up, without waiting for a failed write.
 
     An SSE client sends nothing after its request, so the socket becomes
@@ -107,7 +107,7 @@ class Streamer:
     def open(self, channels: list[str], last: Position | None) -> Iterator[bytes]:
         """Start a stream, or raise Unavailable; the result is the response body."""
         sock = request.environ.get("gunicorn.socket")
-        sub = Subscriber(channels, self._config.client_buffer_bytes, sock)
+        sub = Subscriber(channels, self._config.client_buffer_bytes, gevent.getcurrent())
         start, new_channels = self._hub.attach(sub)
         try:
             head, replay, floor = self._catch_up(sub, start, last, new_channels)
@@ -115,7 +115,7 @@ class Streamer:
             self._hub.detach(sub)
             raise Unavailable(f"history could not be read: {exc}") from exc
         watcher = watch_disconnect(sock, sub)
-        return self._body(sub, head, replay, floor, watcher)
+        return self._body(sub, head, replay, floor, watcher, sock)
 
     def _catch_up(
         self, sub: Subscriber, start: Position, last: Position | None, new_channels: bool
@@ -142,7 +142,13 @@ class Streamer:
         return head, frames, max(floor, after.seq)
 
     def _body(
-        self, sub: Subscriber, head: bytes, replay: list[bytes], floor: int, watcher: object | None
+        self,
+        sub: Subscriber,
+        head: bytes,
+        replay: list[bytes],
+        floor: int,
+        watcher: Any,
+        sock: socket.socket | None,
     ) -> Iterator[bytes]:
         try:
             yield self._preamble + head
@@ -157,9 +163,15 @@ class Streamer:
             if chunk:
                 yield b"".join(chunk)
             yield from self._live(sub, floor)
+            # The stream ended on our side (shutdown): the body ends cleanly, and
+            # the connection must not be kept alive for another request to a
+            # worker that is stopping. EOF on the read side makes gunicorn close it.
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RD)
         finally:
             if watcher is not None:
-                watcher.stop()  # type: ignore[attr-defined]
+                watcher.stop()
             self._hub.detach(sub)
 
     def _live(self, sub: Subscriber, last: int) -> Iterator[bytes]:

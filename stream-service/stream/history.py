@@ -14,30 +14,24 @@ import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 
 META_KEY = "herald:meta"
+CHANNELS_KEY = "herald:channels"
 STREAM_PREFIX = "herald:stream:"
 
 EVENT_ID_RE = re.compile(r"([0-9a-f]{12})-([0-9]{1,18})")
 
-# KEYS[1] = meta hash, KEYS[2..] = channel streams; ARGV[1] = position (seq).
+# KEYS[1] = meta hash, KEYS[2] = channels hash, KEYS[3..] = channel streams;
+# ARGV[1] = position (seq), ARGV[2..] = the channel names, in KEYS order.
 READ_LUA = """
 local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq')
 local out = {meta[1] or '', meta[2] or '0'}
-for i = 2, #KEYS do
-  local deleted = '0-0'
-  local entries = {}
-  if redis.call('EXISTS', KEYS[i]) == 1 then
-    local info = redis.call('XINFO', 'STREAM', KEYS[i])
-    for j = 1, #info, 2 do
-      if info[j] == 'max-deleted-entry-id' then deleted = info[j + 1] end
-    end
-    entries = redis.call('XRANGE', KEYS[i], '(' .. ARGV[1] .. '-0', '+')
-  end
-  out[#out + 1] = deleted
-  out[#out + 1] = entries
+for i = 3, #KEYS do
+  out[#out + 1] = redis.call('HGET', KEYS[2], ARGV[i - 1]) or '0'
+  out[#out + 1] = redis.call('XRANGE', KEYS[i], '(' .. ARGV[1] .. '-0', '+')
 end
 return out
 """
@@ -95,14 +89,29 @@ def _seq(entry_id: bytes) -> int:
     return int(entry_id.split(b"-", 1)[0])
 
 
-def _entries(channel: str, raw: list[list[bytes | list[bytes]]]) -> list[HistoryEvent]:
+def _fields(raw: list[bytes]) -> dict[bytes, bytes]:
+    return dict(zip(raw[::2], raw[1::2], strict=True))
+
+
+def _entries(channel: str, raw: list[list[Any]]) -> list[HistoryEvent]:
     events = []
     for entry_id, fields in raw:
-        assert isinstance(entry_id, bytes) and isinstance(fields, list)
-        values = dict(zip(fields[::2], fields[1::2], strict=True))
+        values = _fields(fields)
         event = values.get(b"event", b"message")
         events.append(HistoryEvent(_seq(entry_id), channel, event, values.get(b"data", b"null")))
     return events
+
+
+def _gap(after: int, newest: int, entries: list[list[Any]]) -> bool:
+    """True if an event of the channel after `after` is no longer in history.
+
+    Trimming removes the oldest entries only, so an event after `after` is gone
+    exactly when the first entry left after it names a predecessor the client
+    has not seen, or when nothing is left although newer events were published.
+    """
+    if not entries:
+        return newest > after
+    return int(_fields(entries[0][1]).get(b"prev", b"0")) > after
 
 
 class History:
@@ -117,8 +126,8 @@ class History:
         With `check`, a replay that cannot be complete becomes a reset instead:
         another epoch, an unknown (future) position, or trimmed history.
         """
-        keys = [META_KEY] + [STREAM_PREFIX + c for c in channels]
-        raw = self._script(keys=keys, args=[after.seq])
+        keys = [META_KEY, CHANNELS_KEY] + [STREAM_PREFIX + c for c in channels]
+        raw = self._script(keys=keys, args=[after.seq, *channels])
         epoch, seq = raw[0].decode(), int(raw[1])
         replay = Replay(epoch, seq)
         if check and epoch != after.epoch:
@@ -128,8 +137,8 @@ class History:
         if replay.reset:
             return replay
         per_channel = []
-        for channel, deleted, entries in zip(channels, raw[2::2], raw[3::2], strict=True):
-            if check and _seq(deleted) > after.seq:
+        for channel, newest, entries in zip(channels, raw[2::2], raw[3::2], strict=True):
+            if check and _gap(after.seq, int(newest), entries):
                 replay.reset = "history_trimmed"
                 return replay
             per_channel.append(_entries(channel, entries))

@@ -8,11 +8,13 @@ however slow a client is.
 
 from __future__ import annotations
 
-import socket
+import errno
 from collections import deque
 from collections.abc import Iterable
 
+import gevent
 from gevent.event import Event
+from greenlet import greenlet
 
 # A frame that is not an event (a reset): always delivered, and it lets the
 # events after it through whatever their sequence number (a new epoch).
@@ -22,21 +24,21 @@ CONTROL = -1
 class Subscriber:
     """A client's channels, its buffer of (seq, frame) items, and its state."""
 
-    __slots__ = ("channels", "_items", "_bytes", "_limit", "_wakeup", "_sock", "closed")
+    __slots__ = ("_bytes", "_greenlet", "_items", "_limit", "_wakeup", "channels", "closed")
 
-    def __init__(self, channels: Iterable[str], limit_bytes: int, sock: socket.socket | None) -> None:
+    def __init__(self, channels: Iterable[str], limit_bytes: int, owner: greenlet | None = None) -> None:
         self.channels = tuple(channels)
         self._items: deque[tuple[int, bytes]] = deque()
         self._bytes = 0
         self._limit = limit_bytes
         self._wakeup = Event()
-        self._sock = sock
+        self._greenlet = owner  # the greenlet that writes this client's response
         self.closed: str | None = None  # why the stream must end, once it must
 
     def push(self, seq: int, frame: bytes) -> bool:
-        """Queue a frame; False (and the client is dropped) if it is too far behind."""
+        """Queue a frame; False if this frame put the client too far behind (dropped)."""
         if self.closed:
-            return False
+            return True  # already ending; nothing more to count
         self._items.append((seq, frame))
         self._bytes += len(frame)
         if self._bytes > self._limit:
@@ -56,10 +58,11 @@ class Subscriber:
         return items
 
     def close(self, reason: str, *, cut: bool = False) -> None:
-        """End the stream. With `cut`, also shut the socket down.
+        """End the stream. With `cut`, also abort the client's greenlet.
 
         Cutting is for a client that does not read: its greenlet may be blocked
-        writing to a full socket, and only failing that write frees it.
+        writing to a full socket forever. It gets a broken pipe, which gunicorn
+        treats as a vanished client: it closes the connection without noise.
         """
         if self.closed:
             return
@@ -67,8 +70,5 @@ class Subscriber:
         self._items.clear()
         self._bytes = 0
         self._wakeup.set()
-        if cut and self._sock is not None:
-            try:
-                self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        if cut and self._greenlet is not None and self._greenlet is not gevent.getcurrent():
+            gevent.kill(self._greenlet, BrokenPipeError(errno.EPIPE, f"client dropped: {reason}"))

@@ -1,0 +1,110 @@
+"""The stream service against real Redis and a real gunicorn + gevent worker."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import requests
+
+from tests.conftest import stats
+from tests.support.services import Service, eventually
+from tests.support.sse_client import open_stream
+
+
+def test_stream_headers_preamble_and_position(stream: Service, channel: str) -> None:
+    client = open_stream(stream.url, [channel])
+    try:
+        assert client.status == 200
+        assert client.response_headers["content-type"].startswith("text/event-stream")
+        assert client.response_headers["cache-control"] == "no-cache"
+        assert client.response_headers["x-accel-buffering"] == "no"
+        assert client.retry == 3000
+        # The first bytes are a comment (flushes headers through proxies), then retry.
+        assert client.raw.startswith(b": ok\n\nretry: 3000\n\n")
+        # An id-only frame gives a fresh client its resume point before any event.
+        assert client.wait_for(lambda: client.last_id != "")
+        assert client.events == []
+    finally:
+        client.close()
+
+
+def test_events_on_several_channels_arrive_in_publish_order(
+    stream: Service, publish: Callable[..., str], channel: str
+) -> None:
+    a, b = channel + ".a", channel + ".b"
+    client = open_stream(stream.url, [a, b])
+    try:
+        sent = [publish(a if i % 3 else b, {"n": i}, event="tick") for i in range(30)]
+        got = client.wait_events(30)
+        assert [e.id for e in got] == sent
+        assert [e.json()["n"] for e in got] == list(range(30))
+        assert {e.event for e in got} == {"tick"}
+    finally:
+        client.close()
+
+
+def test_heartbeat_comments_keep_an_idle_stream_alive(stream: Service, channel: str) -> None:
+    client = open_stream(stream.url, [channel])
+    try:
+        # HEARTBEAT_SECONDS=1 for the session's stream service.
+        assert client.wait_for(lambda: client.comments.count("hb") >= 2, timeout=5)
+    finally:
+        client.close()
+
+
+def test_multiline_and_unicode_data_survive_the_frame(
+    stream: Service, publish: Callable[..., str], channel: str
+) -> None:
+    client = open_stream(stream.url, [channel])
+    try:
+        value = {"text": "line one\nline two\r\nline three\rend", "emoji": "héllo ✓ 🚀", "nul": "a\u0000b"}
+        publish(channel, value)
+        (event,) = client.wait_events(1)
+        assert event.json() == value
+    finally:
+        client.close()
+
+
+def test_bad_stream_requests_get_json_400(stream: Service) -> None:
+    cases = {
+        "": "missing_channel",
+        "channel=": "invalid_channel",
+        "channel=bad%20name": "invalid_channel",
+        "channel=" + "x" * 129: "invalid_channel",
+        "&".join(f"channel=c{i}" for i in range(17)): "too_many_channels",
+        "channel=a&lastEventId=nonsense": "invalid_last_event_id",
+        "channel=a&lastEventId=0123456789ab-": "invalid_last_event_id",
+    }
+    for query, code in cases.items():
+        answer = requests.get(f"{stream.url}/stream?{query}", timeout=5)
+        assert answer.status_code == 400, query
+        assert answer.headers["content-type"] == "application/json"
+        assert answer.json()["error"] == code, query
+        assert answer.json()["message"]
+    bad_header = requests.get(f"{stream.url}/stream?channel=a", headers={"Last-Event-ID": "12-x"}, timeout=5)
+    assert bad_header.status_code == 400
+    assert bad_header.json()["error"] == "invalid_last_event_id"
+
+
+def test_connection_limit_answers_503_with_retry_after(start: Callable[..., Service], channel: str) -> None:
+    service = start("stream", MAX_CONNECTIONS="2")
+    first, second = open_stream(service.url, [channel]), open_stream(service.url, [channel])
+    try:
+        third = requests.get(f"{service.url}/stream?channel={channel}", timeout=5)
+        assert third.status_code == 503
+        assert third.json()["error"] == "too_many_connections"
+        assert int(third.headers["Retry-After"]) >= 1
+    finally:
+        first.close()
+        second.close()
+    # Once a slot is free, streams are accepted again.
+    assert eventually(lambda: stats(service)["clients"] == 0, timeout=5)
+    again = open_stream(service.url, [channel])
+    assert again.status == 200
+    again.close()
+
+
+def test_health_and_readiness(stream: Service, publisher: Service) -> None:
+    for service in (stream, publisher):
+        assert requests.get(f"{service.url}/healthz", timeout=5).json() == {"status": "ok"}
+        assert requests.get(f"{service.url}/readyz", timeout=5).json() == {"status": "ready"}

@@ -1,0 +1,176 @@
+"""A small SSE client for tests: one thread per stream, parsing per the WHATWG rules.
+
+It records every event with its id, type and data, the last event id (id-only
+frames included), comments, and how the stream ended, so tests can assert on
+exactly what a browser would have seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+
+@dataclass(frozen=True)
+class SSEEvent:
+    id: str
+    event: str
+    data: str
+
+    @property
+    def seq(self) -> int:
+        return int(self.id.rsplit("-", 1)[1])
+
+    def json(self) -> Any:
+        return json.loads(self.data)
+
+
+def stream_url(base: str, channels: list[str], last_event_id: str | None = None) -> str:
+    params: list[tuple[str, str]] = [("channel", c) for c in channels]
+    if last_event_id:
+        params.append(("lastEventId", last_event_id))
+    return f"{base}/stream?{urlencode(params)}"
+
+
+@dataclass
+class SSEClient:
+    """Reads one stream in a background thread."""
+
+    url: str
+    headers: dict[str, str] = field(default_factory=dict)
+    status: int | None = None
+    response_headers: dict[str, str] = field(default_factory=dict)
+    events: list[SSEEvent] = field(default_factory=list)
+    comments: list[str] = field(default_factory=list)
+    retry: int | None = None
+    last_id: str = ""
+    ended: str | None = None  # "eof", "error: ...", "closed"
+    body: bytes = b""
+    raw: bytearray = field(default_factory=bytearray)
+
+    def __post_init__(self) -> None:
+        self._cond = threading.Condition()
+        self._conn: http.client.HTTPConnection | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self, timeout: float = 10) -> SSEClient:
+        """Connect and wait until the status line and headers arrived."""
+        self._thread.start()
+        self.wait_for(lambda: self.status is not None or self.ended is not None, timeout)
+        return self
+
+    def _run(self) -> None:
+        parts = urlsplit(self.url)
+        try:
+            conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=60)
+            self._conn = conn
+            conn.request(
+                "GET", f"{parts.path}?{parts.query}", headers={"Accept": "text/event-stream", **self.headers}
+            )
+            response = conn.getresponse()
+            with self._cond:
+                self.response_headers = {k.lower(): v for k, v in response.getheaders()}
+                self.status = response.status
+                self._cond.notify_all()
+            if response.status != 200:
+                self.body = response.read()
+                self._end("eof")
+                return
+            self._parse(response)
+            self._end("eof")
+        except Exception as exc:  # the tests look at `ended`
+            self._end(f"error: {exc!r}")
+
+    def _parse(self, response: http.client.HTTPResponse) -> None:
+        data: list[str] = []
+        event = ""
+        pending_id: str | None = None
+        while True:
+            line_b = response.readline()
+            if not line_b:
+                return
+            self.raw += line_b
+            line = line_b.decode("utf-8").rstrip("\r\n")
+            if line == "":
+                with self._cond:
+                    if pending_id is not None:
+                        self.last_id = pending_id
+                    if data:
+                        self.events.append(SSEEvent(self.last_id, event or "message", "\n".join(data)))
+                    self._cond.notify_all()
+                data, event, pending_id = [], "", None
+                continue
+            if line.startswith(":"):
+                with self._cond:
+                    self.comments.append(line[1:].strip())
+                    self._cond.notify_all()
+                continue
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "data":
+                data.append(value)
+            elif name == "event":
+                event = value
+            elif name == "id" and "\0" not in value:
+                pending_id = value
+            elif name == "retry" and value.isdigit():
+                self.retry = int(value)
+
+    def _end(self, how: str) -> None:
+        with self._cond:
+            if self.ended is None:
+                self.ended = how
+            self._cond.notify_all()
+
+    def wait_for(self, condition: Callable[[], bool], timeout: float = 10) -> bool:
+        """Wait on a monotonic deadline until `condition()` holds; return whether it did."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not condition():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    def wait_events(self, count: int, timeout: float = 10) -> list[SSEEvent]:
+        """Wait until at least `count` events arrived; fail the test otherwise."""
+        if not self.wait_for(lambda: len(self.events) >= count or self.ended is not None, timeout):
+            raise AssertionError(f"got {len(self.events)} of {count} events after {timeout} s")
+        if len(self.events) < count:
+            raise AssertionError(f"stream ended ({self.ended}) after {len(self.events)} of {count} events")
+        return list(self.events)
+
+    def close(self) -> None:
+        """Hang up abruptly, like a closed browser tab."""
+        conn = self._conn
+        if conn is not None and conn.sock is not None:
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(2)
+            conn.close()
+        self._thread.join(5)
+        self._end("closed")
+
+
+def open_stream(
+    base: str,
+    channels: list[str],
+    last_event_id: str | None = None,
+    *,
+    header_id: str | None = None,
+    timeout: float = 10,
+) -> SSEClient:
+    """Open a stream and wait until it is live (its first frames have arrived)."""
+    headers = {"Last-Event-ID": header_id} if header_id else {}
+    client = SSEClient(stream_url(base, channels, last_event_id), headers).start(timeout)
+    if client.status == 200:
+        # The service sends a comment and retry first, then the position or replay.
+        client.wait_for(lambda: client.retry is not None or client.ended is not None, timeout)
+    return client
