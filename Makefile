@@ -3,13 +3,14 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
-# Ryuk (testcontainers' reaper) must be pulled from a registry; air-gapped CI turns it off.
-export TESTCONTAINERS_RYUK_DISABLED ?= false
+# Which base images the Docker-backed tests use: auto, local or official
+# (see scripts/test-env.sh).
+export HERALD_IMAGES ?= auto
 
 .PHONY: test deps lint unit integration e2e bench images up down clean
 
 test: lint
-	$(BIN)/pytest
+	eval "$$(scripts/test-env.sh)" && $(BIN)/pytest
 
 deps: $(VENV)/.deps
 
@@ -27,10 +28,10 @@ unit: deps
 	$(BIN)/pytest tests/unit
 
 integration: deps
-	$(BIN)/pytest tests/unit tests/integration
+	eval "$$(scripts/test-env.sh)" && $(BIN)/pytest tests/unit tests/integration
 
 e2e: deps
-	$(BIN)/pytest tests/e2e
+	eval "$$(scripts/test-env.sh)" && $(BIN)/pytest tests/e2e
 
 bench: deps
 	$(BIN)/python -m tests.load.bench

@@ -1,6 +1,11 @@
 """gunicorn settings for the publisher; each can be overridden from the environment."""
 
 import os
+import tempfile
+
+# Before anything imports prometheus_client: every worker (forked later) then
+# keeps its metrics in this directory, and /metrics adds them up.
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="herald-metrics-"))
 
 wsgi_app = "publisher.app:create_app()"
 bind = os.environ.get("BIND", "0.0.0.0:8000")
@@ -16,3 +21,21 @@ errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info")
 # Do not preload: Redis clients must be created after the fork and gevent's patching.
 preload_app = False
+
+# JSON log lines (with the request id) for gunicorn and the app.
+logconfig_dict = __import__("publisher.logs", fromlist=["log_config"]).log_config(loglevel)
+
+
+def on_starting(server):  # type: ignore[no-untyped-def]
+    """Start with an empty metrics directory (values of an earlier run are stale)."""
+    import glob
+
+    for path in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
+        os.remove(path)
+
+
+def child_exit(server, worker):  # type: ignore[no-untyped-def]
+    """Forget the live gauges of a worker that is gone."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
-from typing import Any
+import re
+import time
 from urllib.parse import parse_qs
 
 import redis
@@ -13,14 +15,17 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from werkzeug.exceptions import HTTPException
 
+from . import cors, logs, metrics
 from .config import Config
-from .store import EventStore
-from .validation import InvalidRequest, event_from_form, events_from_json, parse_json
+from .metrics import EVENTS_PUBLISHED, PUBLISH_REQUESTS, PUBLISH_SECONDS
+from .store import EventStore, Idempotency, KeyReused
+from .validation import Event, InvalidRequest, event_from_form, events_from_json, parse_json
 
 log = logging.getLogger("herald.publisher")
 
 JSON_TYPES = frozenset({"application/json"})
 FORM_TYPE = "application/x-www-form-urlencoded"
+IDEMPOTENCY_KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")
 
 
 def error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
@@ -66,7 +71,20 @@ class Authenticator:
         return scheme.lower() == "bearer" and any(matches)
 
 
-def parse_events(config: Config) -> tuple[list[Any], bool]:
+def idempotency(config: Config, body: bytes) -> Idempotency | None:
+    """The request's Idempotency-Key with a fingerprint of what it publishes."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not IDEMPOTENCY_KEY_RE.fullmatch(key):
+        raise InvalidRequest(
+            400, "invalid_idempotency_key", "Idempotency-Key must be 1-255 printable ASCII characters"
+        )
+    digest = hashlib.sha256(request.mimetype.encode() + b"\0" + body).hexdigest()
+    return Idempotency(key, digest, config.idempotency_window_seconds)
+
+
+def parse_events(config: Config) -> tuple[list[Event], bool, bytes]:
     """Read the request body into validated events according to its content type."""
     mimetype = request.mimetype
     if request.content_length is not None and request.content_length > config.max_body_bytes:
@@ -79,13 +97,14 @@ def parse_events(config: Config) -> tuple[list[Any], bool]:
             413, "body_too_large", f"the body is over the limit of {config.max_body_bytes} bytes"
         )
     if mimetype in JSON_TYPES:
-        return events_from_json(parse_json(body), config.max_batch, config.max_event_bytes)
+        events, batch = events_from_json(parse_json(body), config.max_batch, config.max_event_bytes)
+        return events, batch, body
     if mimetype == FORM_TYPE:
         try:
             form = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
         except UnicodeDecodeError:
             raise InvalidRequest(400, "invalid_form", "the form body is not valid UTF-8") from None
-        return [event_from_form(form, config.max_event_bytes)], False
+        return [event_from_form(form, config.max_event_bytes)], False, body
     raise InvalidRequest(
         415,
         "unsupported_media_type",
@@ -98,6 +117,9 @@ def create_app(config: Config | None = None) -> Flask:
     config = config or Config.from_env()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = None  # checked by parse_events, with a JSON error
+    logs.init_app(app)
+    metrics.init_app(app)
+    cors.init_app(app, config.cors_origins)
     auth = Authenticator(config.publish_tokens)
     if auth.open:
         log.warning("PUBLISH_TOKEN is empty: anyone who reaches /publish can publish")
@@ -107,7 +129,14 @@ def create_app(config: Config | None = None) -> Flask:
     unavailable = {"Retry-After": str(config.retry_after_seconds)}
 
     @app.post("/publish")
-    def publish() -> Response | tuple[Response, int]:
+    def publish() -> Response:
+        started = time.perf_counter()
+        response = handle_publish()
+        PUBLISH_SECONDS.observe(time.perf_counter() - started)
+        PUBLISH_REQUESTS.labels(str(response.status_code)).inc()
+        return response
+
+    def handle_publish() -> Response:
         if not auth.allows(request.headers.get("Authorization")):
             return error(
                 401,
@@ -116,18 +145,31 @@ def create_app(config: Config | None = None) -> Flask:
                 {"WWW-Authenticate": 'Bearer realm="herald"'},
             )
         try:
-            events, batch = parse_events(config)
+            events, batch, body = parse_events(config)
+            once = idempotency(config, body)
         except InvalidRequest as exc:
             return error(exc.status, exc.code, exc.message)
         try:
-            stored = store.publish(events)
+            published = store.publish(events, once)
+        except KeyReused:
+            return error(
+                422,
+                "idempotency_key_reused",
+                "this Idempotency-Key was used with a different request",
+            )
         except redis.RedisError as exc:
             log.error("publish failed, Redis unavailable: %s", exc)
             return error(
                 503, "redis_unavailable", "events cannot be stored right now; retry later", unavailable
             )
-        body = [{"id": s.id, "channel": s.channel} for s in stored]
-        return jsonify({"events": body} if batch else body[0]), 202
+        if not published.replayed:
+            EVENTS_PUBLISHED.inc(len(events))
+        answer = [{"id": s.id, "channel": s.channel} for s in published.events]
+        response = jsonify({"events": answer} if batch else answer[0])
+        response.status_code = 202
+        if published.replayed:
+            response.headers["Idempotent-Replayed"] = "true"
+        return response
 
     @app.get("/healthz")
     def healthz() -> Response:

@@ -24,6 +24,11 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> i
     return value
 
 
+def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """A comma-separated list; blanks ignored."""
+    return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
+
+
 @dataclass(frozen=True)
 class Config:
     """Settings of the publisher; see .env.example for each one."""
@@ -37,12 +42,14 @@ class Config:
     history_ttl_seconds: int = 604800
     redis_timeout_seconds: float = 2.0
     retry_after_seconds: int = 2
+    idempotency_window_seconds: int = 86400
+    cors_origins: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
         """Build the configuration from `env` (default: the process environment)."""
         env = os.environ if env is None else env
-        tokens = tuple(t.strip() for t in env.get("PUBLISH_TOKEN", "").split(",") if t.strip())
+        tokens = _list(env, "PUBLISH_TOKEN")
         return cls(
             redis_url=env.get("REDIS_URL", "").strip() or cls.redis_url,
             publish_tokens=tokens,
@@ -53,4 +60,8 @@ class Config:
             history_ttl_seconds=_int(env, "HISTORY_TTL_SECONDS", cls.history_ttl_seconds, minimum=0),
             redis_timeout_seconds=_int(env, "REDIS_TIMEOUT_MS", 2000) / 1000,
             retry_after_seconds=_int(env, "RETRY_AFTER_SECONDS", cls.retry_after_seconds),
+            idempotency_window_seconds=_int(
+                env, "IDEMPOTENCY_WINDOW_SECONDS", cls.idempotency_window_seconds
+            ),
+            cors_origins=_list(env, "CORS_ALLOWED_ORIGINS"),
         )

@@ -20,16 +20,29 @@ CHANNELS_KEY = "herald:channels"
 STREAM_PREFIX = "herald:stream:"
 LIVE_PREFIX = "herald:live:"
 
-# KEYS[1] = meta hash, KEYS[2] = channels hash, KEYS[2+i] = stream of event i.
+IDEMPOTENCY_PREFIX = "herald:idem:"
+
+# KEYS[1] = meta hash, KEYS[2] = channels hash, KEYS[3] = idempotency record
+# (unused when ARGV[4] is empty), KEYS[3+i] = stream of event i.
 # ARGV[1] = candidate epoch, ARGV[2] = history maxlen, ARGV[3] = idle TTL (0: none),
+# ARGV[4] = request fingerprint ('' without Idempotency-Key), ARGV[5] = its window (s),
 # then per event: channel, event name, data.
+# Returns {epoch, {seq...}, ''} or, for a repeated key, {epoch, {seq...}, fingerprint}.
 PUBLISH_LUA = """
+if ARGV[4] ~= '' then
+  local prior = redis.call('HMGET', KEYS[3], 'fingerprint', 'epoch', 'seqs')
+  if prior[1] then
+    local seqs = {}
+    for seq in string.gmatch(prior[3], '[^,]+') do seqs[#seqs + 1] = tonumber(seq) end
+    return {prior[2], seqs, prior[1]}
+  end
+end
 redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 local ttl = tonumber(ARGV[3])
 local seqs = {}
-for i = 3, #KEYS do
-  local a = 4 + (i - 3) * 3
+for i = 4, #KEYS do
+  local a = 6 + (i - 4) * 3
   local channel, event, data = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
   local prev = redis.call('HGET', KEYS[2], channel) or '0'
@@ -40,7 +53,11 @@ for i = 3, #KEYS do
   redis.call('PUBLISH', 'herald:live:' .. channel, epoch .. ' ' .. seq .. ' ' .. event .. ' ' .. data)
   seqs[#seqs + 1] = seq
 end
-return {epoch, seqs}
+if ARGV[4] ~= '' then
+  redis.call('HSET', KEYS[3], 'fingerprint', ARGV[4], 'epoch', epoch, 'seqs', table.concat(seqs, ','))
+  redis.call('EXPIRE', KEYS[3], ARGV[5])
+end
+return {epoch, seqs, ''}
 """
 
 
@@ -57,6 +74,27 @@ class Stored:
     channel: str
 
 
+@dataclass(frozen=True)
+class Idempotency:
+    """An Idempotency-Key, the fingerprint of its request, and how long it holds."""
+
+    key: str
+    fingerprint: str
+    window_seconds: int
+
+
+class KeyReused(Exception):
+    """An Idempotency-Key seen before with a different request."""
+
+
+@dataclass(frozen=True)
+class Published:
+    """The outcome of a publish: the stored events, and whether it was a replay."""
+
+    events: list[Stored]
+    replayed: bool
+
+
 class EventStore:
     """Writes events to Redis following the contract."""
 
@@ -66,15 +104,24 @@ class EventStore:
         self._ttl = history_ttl_seconds
         self._script = client.register_script(PUBLISH_LUA)
 
-    def publish(self, events: Sequence[Event]) -> list[Stored]:
-        """Store and announce `events` atomically, in order; return their ids."""
-        keys = [META_KEY, CHANNELS_KEY] + [STREAM_PREFIX + e.channel for e in events]
+    def publish(self, events: Sequence[Event], idempotency: Idempotency | None = None) -> Published:
+        """Store and announce `events` atomically, in order; return their ids.
+
+        With an Idempotency-Key seen within its window, nothing is stored and
+        the first answer is returned again (KeyReused if the request differs).
+        """
+        record = IDEMPOTENCY_PREFIX + idempotency.key if idempotency else IDEMPOTENCY_PREFIX
+        keys = [META_KEY, CHANNELS_KEY, record] + [STREAM_PREFIX + e.channel for e in events]
         args: list[str | int] = [new_epoch(), self._maxlen, self._ttl]
+        args += [idempotency.fingerprint, idempotency.window_seconds] if idempotency else ["", 0]
         for e in events:
             args += [e.channel, e.event, e.data]
-        epoch, seqs = self._script(keys=keys, args=args)
-        epoch = epoch.decode() if isinstance(epoch, bytes) else epoch
-        return [Stored(f"{epoch}-{seq}", e.channel) for e, seq in zip(events, seqs, strict=True)]
+        epoch, seqs, prior = self._script(keys=keys, args=args)
+        replayed = bool(prior)
+        if replayed and idempotency and prior.decode() != idempotency.fingerprint:
+            raise KeyReused(idempotency.key)
+        stored = [Stored(f"{epoch.decode()}-{seq}", e.channel) for e, seq in zip(events, seqs, strict=True)]
+        return Published(stored, replayed)
 
     def ping(self) -> bool:
         """True when Redis answers."""

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,7 +16,8 @@ import redis
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from . import sse
+from . import logs, metrics, sse
+from .auth import AccessDenied, authorize, find_token
 from .config import Config
 from .history import BadEventId, History, Position
 from .hub import Hub, Unavailable, event_frame, reset_frame
@@ -24,6 +27,7 @@ log = logging.getLogger("herald.stream")
 
 CHANNEL_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 HEARTBEAT = sse.comment(b"hb")
+TOKEN_EXPIRED = sse.frame(json.dumps({"reason": "token_expired"}).encode(), event=b"token_expired")
 HISTORY_CHUNK_BYTES = 65536
 
 
@@ -95,6 +99,21 @@ def watch_disconnect(sock: socket.socket | None, sub: Subscriber) -> Any:
     return watcher
 
 
+def cors_headers(origin: str | None, allowed: tuple[str, ...]) -> dict[str, str]:
+    """CORS for EventSource: exact origins get credentials (withCredentials), `*` never does."""
+    if not origin:
+        return {}
+    if origin in allowed:
+        return {
+            "Access-Control-Allow-Origin": origin,
+            "Access-Control-Allow-Credentials": "true",
+            "Vary": "Origin",
+        }
+    if "*" in allowed:
+        return {"Access-Control-Allow-Origin": "*"}
+    return {}
+
+
 class Streamer:
     """Opens streams: attach to the hub, replay what the client missed, then go live."""
 
@@ -104,7 +123,7 @@ class Streamer:
         self._history = history
         self._preamble = sse.comment(b"ok") + sse.retry(config.retry_ms)
 
-    def open(self, channels: list[str], last: Position | None) -> Iterator[bytes]:
+    def open(self, channels: list[str], last: Position | None, expires: float | None) -> Iterator[bytes]:
         """Start a stream, or raise Unavailable; the result is the response body."""
         sock = request.environ.get("gunicorn.socket")
         sub = Subscriber(channels, self._config.client_buffer_bytes, gevent.getcurrent())
@@ -115,7 +134,7 @@ class Streamer:
             self._hub.detach(sub)
             raise Unavailable(f"history could not be read: {exc}") from exc
         watcher = watch_disconnect(sock, sub)
-        return self._body(sub, head, replay, floor, watcher, sock)
+        return self._body(sub, head, replay, floor, watcher, sock, expires)
 
     def _catch_up(
         self, sub: Subscriber, start: Position, last: Position | None, new_channels: bool
@@ -131,9 +150,11 @@ class Streamer:
         else:
             head, after, check = b"", last, True
             self._hub.stats["resumes"] += 1
+            metrics.RESUMES.inc()
         replay = self._history.read(channels, after, check=check)
         if replay.reset:
             self._hub.stats["resets"] += 1
+            metrics.RESETS.labels(replay.reset).inc()
             continue_at = Position(replay.epoch, replay.seq)
             return reset_frame(replay.reset, continue_at), [], replay.seq
         epoch = replay.epoch.encode()
@@ -149,6 +170,7 @@ class Streamer:
         floor: int,
         watcher: Any,
         sock: socket.socket | None,
+        expires: float | None,
     ) -> Iterator[bytes]:
         try:
             yield self._preamble + head
@@ -162,7 +184,7 @@ class Streamer:
                     chunk, size = [], 0
             if chunk:
                 yield b"".join(chunk)
-            yield from self._live(sub, floor)
+            yield from self._live(sub, floor, expires)
             # The stream ended on our side (shutdown): the body ends cleanly, and
             # the connection must not be kept alive for another request to a
             # worker that is stopping. EOF on the read side makes gunicorn close it.
@@ -174,14 +196,23 @@ class Streamer:
                 watcher.stop()
             self._hub.detach(sub)
 
-    def _live(self, sub: Subscriber, last: int) -> Iterator[bytes]:
+    def _live(self, sub: Subscriber, last: int, expires: float | None) -> Iterator[bytes]:
         heartbeat = self._config.heartbeat_seconds
         while True:
-            items = sub.take(heartbeat)
+            wait = heartbeat
+            if expires is not None:
+                left = expires - time.time()
+                if left <= 0:
+                    # The subscribe token ran out: say so, so the app can fetch a new one.
+                    yield TOKEN_EXPIRED
+                    return
+                wait = min(wait, left)
+            items = sub.take(wait)
             if sub.closed:
                 return
             if not items:
-                yield HEARTBEAT
+                if expires is None or time.time() < expires:
+                    yield HEARTBEAT
                 continue
             out = []
             for seq, frame in items:
@@ -199,6 +230,8 @@ def create_app(config: Config | None = None) -> Flask:
     """Build the stream app. The hub connects to Redis on first use, after the fork."""
     config = config or Config.from_env()
     app = Flask(__name__)
+    logs.init_app(app)
+    metrics.init_app(app)
     commands = redis.Redis(
         connection_pool=redis.BlockingConnectionPool.from_url(
             config.redis_url,
@@ -221,15 +254,24 @@ def create_app(config: Config | None = None) -> Flask:
             last = parse_last_event_id()
         except BadRequest as exc:
             return error(400, exc.code, exc.message)
+        token = find_token(
+            request.headers.get("Authorization"), request.cookies, request.args, config.token_cookie
+        )
+        try:
+            grant = authorize(channels, token, prefix=config.private_prefix, secret=config.subscribe_secret)
+        except AccessDenied as exc:
+            challenge = {"WWW-Authenticate": 'Bearer realm="herald"'} if exc.status == 401 else {}
+            return error(exc.status, exc.code, exc.message, challenge)
         if hub.clients >= config.max_connections:
             return error(503, "too_many_connections", "this worker is at its connection limit", unavailable)
         try:
-            body = streamer.open(channels, last)
+            body = streamer.open(channels, last, grant.expires)
         except Unavailable as exc:
             return error(503, "unavailable", str(exc), unavailable)
         headers = {
             "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no",
+            **cors_headers(request.headers.get("Origin"), config.cors_origins),
         }
         return Response(body, mimetype="text/event-stream", headers=headers)
 

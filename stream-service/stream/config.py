@@ -38,6 +38,10 @@ class Config:
     subscribe_timeout_seconds: float = 5.0
     redis_pool_size: int = 8
     retry_after_seconds: int = 2
+    subscribe_secret: str = ""
+    private_prefix: str = "private-"
+    token_cookie: str = "herald_token"
+    cors_origins: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -54,4 +58,10 @@ class Config:
             subscribe_timeout_seconds=_number(env, "SUBSCRIBE_TIMEOUT_SECONDS", 5.0, 0.1),
             redis_pool_size=int(_number(env, "REDIS_POOL_SIZE", 8, 1)),
             retry_after_seconds=int(_number(env, "RETRY_AFTER_SECONDS", 2, 1)),
+            subscribe_secret=env.get("SUBSCRIBE_SECRET", ""),
+            private_prefix=env.get("PRIVATE_CHANNEL_PREFIX", cls.private_prefix),
+            token_cookie=env.get("SUBSCRIBE_TOKEN_COOKIE", "").strip() or cls.token_cookie,
+            cors_origins=tuple(
+                o.strip() for o in env.get("CORS_ALLOWED_ORIGINS", "").split(",") if o.strip()
+            ),
         )

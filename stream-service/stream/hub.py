@@ -25,7 +25,7 @@ from gevent.event import Event
 from gevent.lock import Semaphore
 from redis.connection import ConnectionInterface, ConnectionPool
 
-from . import sse
+from . import metrics, sse
 from .config import Config
 from .history import META_KEY, History, HistoryEvent, Position, new_epoch
 from .subscriber import CONTROL, Subscriber
@@ -147,6 +147,7 @@ class Hub:
             for key in to_send:
                 self._pending[key] = self._pending.get(key, 0) + 1
             self._send_quietly("SUBSCRIBE", *to_send)
+        metrics.CLIENTS.inc()
         if not self._wait(lambda: all(k in self._active for k in keys), deadline):
             self.detach(sub)
             raise Unavailable("the subscription did not take effect in time")
@@ -155,6 +156,7 @@ class Hub:
     def detach(self, sub: Subscriber) -> None:
         """Forget `sub`; unsubscribe channels it was the last local client of."""
         self.clients -= 1
+        metrics.CLIENTS.dec()
         gone = []
         for channel in sub.channels:
             key = LIVE_PREFIX + channel.encode()
@@ -191,6 +193,7 @@ class Hub:
             if self._stopping:
                 break
             self.stats["reconnects"] += 1
+            metrics.RECONNECTS.inc()
             gevent.sleep(backoff * random.uniform(0.5, 1.0))
             backoff = min(backoff * 2, 2.0)
 
@@ -331,6 +334,7 @@ class Hub:
             self.epoch, self._epoch_b, self.position = new, epoch, 0
         if seq <= self.position:
             return  # already dispatched from history during recovery
+        metrics.RECEIVED.inc()
         try:
             frame = event_frame(epoch, seqb, event, data)
         except ValueError:
@@ -349,7 +353,10 @@ class Hub:
             if not sub.push(seq, frame):
                 dropped += 1
         self.stats["delivered"] += len(subs) - dropped
-        self.stats["dropped_slow"] += dropped
+        metrics.DELIVERED.inc(len(subs) - dropped)
+        if dropped:
+            self.stats["dropped_slow"] += dropped
+            metrics.DROPPED_SLOW.inc(dropped)
 
     def _yield_if_busy(self) -> None:
         """Let clients write out their buffers during a burst of events.
@@ -368,6 +375,7 @@ class Hub:
         for sub in subs:
             sub.push(CONTROL, frame)
         self.stats["resets"] += len(subs)
+        metrics.RESETS.labels(reason).inc(len(subs))
         log.warning("epoch changed to %s: %d clients told to reset", position.epoch, len(subs))
 
     # -- helpers -----------------------------------------------------------

@@ -1,0 +1,40 @@
+"""CORS for POST /publish: exact allowed origins, preflight answered here.
+
+Credentials (cookies, Authorization from a browser) are allowed only for an
+exact origin; a configured `*` opens publishing to any origin without them.
+"""
+
+from __future__ import annotations
+
+from flask import Flask, Response, request
+
+ALLOWED_HEADERS = "Content-Type, Authorization, Idempotency-Key"
+
+
+def init_app(app: Flask, origins: tuple[str, ...]) -> None:
+    """Answer preflights for /publish and add CORS headers for allowed origins."""
+    wildcard = "*" in origins
+    exact = frozenset(o for o in origins if o != "*")
+
+    def allow(response: Response) -> Response:
+        origin = request.headers.get("Origin")
+        if not origin:
+            return response
+        if origin in exact:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Allow-Credentials"] = "true"
+            response.headers.add("Vary", "Origin")
+        elif wildcard:
+            response.headers["Access-Control-Allow-Origin"] = "*"
+        return response
+
+    @app.route("/publish", methods=["OPTIONS"])
+    def preflight() -> Response:
+        response = Response(status=204)
+        if request.headers.get("Origin") in exact or wildcard:
+            response.headers["Access-Control-Allow-Methods"] = "POST"
+            response.headers["Access-Control-Allow-Headers"] = ALLOWED_HEADERS
+            response.headers["Access-Control-Max-Age"] = "600"
+        return allow(response)
+
+    app.after_request(allow)

@@ -1,0 +1,42 @@
+"""Prometheus metrics of the stream service, correct under several gunicorn workers.
+
+gunicorn.conf.py sets PROMETHEUS_MULTIPROC_DIR before anything imports
+prometheus_client; GET /metrics (internal network only, nginx does not route
+it) sums the values of all workers, live gauges of running workers only.
+"""
+
+from __future__ import annotations
+
+import os
+
+from flask import Flask, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+    multiprocess,
+)
+
+CLIENTS = Gauge("herald_stream_clients", "Open SSE streams.", multiprocess_mode="livesum")
+DELIVERED = Counter("herald_events_delivered_total", "Events queued to clients (one per client).")
+RECEIVED = Counter("herald_events_received_total", "Events received from Redis Pub/Sub.")
+DROPPED_SLOW = Counter("herald_slow_clients_dropped_total", "Clients dropped for falling behind.")
+RESUMES = Counter("herald_resumes_total", "Streams opened with a last event id.")
+RESETS = Counter("herald_resets_total", "Reset events sent, by reason.", ["reason"])
+RECONNECTS = Counter("herald_redis_reconnects_total", "Reconnections of the Pub/Sub connection.")
+
+
+def init_app(app: Flask) -> None:
+    """GET /metrics in the Prometheus text format."""
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            body = generate_latest(registry)
+        else:
+            body = generate_latest()
+        return Response(body, mimetype=CONTENT_TYPE_LATEST)
