@@ -15,7 +15,10 @@ worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "1000"))
 # Publishes are short; a worker that blocks this long is stuck.
 timeout = 30
 graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "10"))
-keepalive = 75  # above nginx's upstream keepalive_timeout (60 s)
+# nginx reaches the services through a variable proxy_pass, which never reuses
+# upstream connections; a short keep-alive bounds how long an idle client
+# connection can hold up a graceful stop.
+keepalive = 5
 accesslog = "-" if os.environ.get("ACCESS_LOG", "0") == "1" else None
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info")

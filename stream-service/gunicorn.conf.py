@@ -19,7 +19,9 @@ timeout = 30
 # Streams never end by themselves: on stop the app ends them (see post_worker_init),
 # and gunicorn waits this long for them to close. Keep compose's stop_grace_period above it.
 graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "10"))
-keepalive = 75
+# A stream connection is closed when its stream ends; this bounds idle
+# keep-alive connections of the other endpoints during a graceful stop.
+keepalive = 5
 # Never recycle stream workers: recycling cuts every open stream.
 max_requests = 0
 accesslog = "-" if os.environ.get("ACCESS_LOG", "0") == "1" else None
