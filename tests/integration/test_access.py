@@ -6,6 +6,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 
 import jwt
 import requests
@@ -48,7 +49,7 @@ def test_private_channels_need_a_token_that_covers_them(
     try:
         assert [c.status for c in clients] == [200, 200, 200]
         for c in clients:
-            assert c.wait_for(lambda c=c: c.retry is not None)
+            assert c.wait_for(partial(lambda c: c.retry is not None, c))
         sent = [publish(mine, 1), publish(team, 2)]
         for c in clients:
             assert [e.id for e in c.wait_events(2)] == sent

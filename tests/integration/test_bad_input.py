@@ -6,6 +6,7 @@ import json
 import socket
 import uuid
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import pytest
@@ -67,8 +68,12 @@ def check_answer(answer: requests.Response) -> None:
 
 def expect_delivery(watcher: SSEClient, sent: list[dict[str, Any]], ids: list[str]) -> None:
     """Every accepted event reaches the subscriber exactly as sent."""
+
+    def arrived(event_id: str) -> bool:
+        return any(e.id == event_id for e in watcher.events)
+
     for item, event_id in zip(sent, ids, strict=True):
-        assert watcher.wait_for(lambda event_id=event_id: any(e.id == event_id for e in watcher.events), 10)
+        assert watcher.wait_for(partial(arrived, event_id), 10)
         (got,) = [e for e in watcher.events if e.id == event_id]
         assert json.loads(got.data) == item["data"]
         assert got.event == item.get("event", "message")
