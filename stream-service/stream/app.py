@@ -83,10 +83,13 @@ def watch_disconnect(sock: socket.socket | None, sub: Subscriber) -> Any:
     if sock is None:
         return None
     watcher = gevent.get_hub().loop.io(sock.fileno(), 1)
+    # The plain socket under gevent's wrapper: this runs in the event loop, where
+    # nothing may wait, so peek without gevent's wait-and-retry.
+    raw = getattr(sock, "_sock", sock)
 
     def readable() -> None:
         try:
-            peeked = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            peeked = raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
             return
         except OSError:
@@ -126,7 +129,7 @@ class Streamer:
     def open(self, channels: list[str], last: Position | None, expires: float | None) -> Iterator[bytes]:
         """Start a stream, or raise Unavailable; the result is the response body."""
         sock = request.environ.get("gunicorn.socket")
-        sub = Subscriber(channels, self._config.client_buffer_bytes, gevent.getcurrent())
+        sub = Subscriber(channels, self._config.client_buffer_bytes)
         start, new_channels = self._hub.attach(sub)
         try:
             head, replay, floor = self._catch_up(sub, start, last, new_channels)
@@ -172,6 +175,7 @@ class Streamer:
         sock: socket.socket | None,
         expires: float | None,
     ) -> Iterator[bytes]:
+        sub.owner = gevent.getcurrent()
         try:
             yield self._preamble + head
             chunk: list[bytes] = []

@@ -24,7 +24,7 @@ CONTROL = -1
 class Subscriber:
     """A client's channels, its buffer of (seq, frame) items, and its state."""
 
-    __slots__ = ("_bytes", "_greenlet", "_items", "_limit", "_wakeup", "channels", "closed")
+    __slots__ = ("_bytes", "_items", "_limit", "_wakeup", "channels", "closed", "owner")
 
     def __init__(self, channels: Iterable[str], limit_bytes: int, owner: greenlet | None = None) -> None:
         self.channels = tuple(channels)
@@ -32,7 +32,8 @@ class Subscriber:
         self._bytes = 0
         self._limit = limit_bytes
         self._wakeup = Event()
-        self._greenlet = owner  # the greenlet that writes this client's response
+        # The greenlet writing this client's response, once streaming has begun.
+        self.owner: greenlet | None = None
         self.closed: str | None = None  # why the stream must end, once it must
 
     def push(self, seq: int, frame: bytes) -> bool:
@@ -70,5 +71,5 @@ class Subscriber:
         self._items.clear()
         self._bytes = 0
         self._wakeup.set()
-        if cut and self._greenlet is not None and self._greenlet is not gevent.getcurrent():
-            gevent.kill(self._greenlet, BrokenPipeError(errno.EPIPE, f"client dropped: {reason}"))
+        if cut and self.owner is not None and self.owner is not gevent.getcurrent():
+            gevent.kill(self.owner, BrokenPipeError(errno.EPIPE, f"client dropped: {reason}"))
