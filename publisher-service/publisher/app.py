@@ -186,7 +186,9 @@ def create_app(config: Config | None = None) -> Flask:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
         code = (exc.name or "error").lower().replace(" ", "_")
-        return error(exc.code or 500, code, exc.description or code)
+        # Keep the exception's own headers (Allow on a 405, for instance).
+        headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
+        return error(exc.code or 500, code, exc.description or code, headers)
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Response:

@@ -20,7 +20,7 @@ from . import logs, metrics, sse
 from .auth import AccessDenied, authorize, find_token
 from .config import Config
 from .history import BadEventId, History, Position
-from .hub import Hub, Unavailable, event_frame, reset_frame
+from .hub import Hub, Unavailable, event_frame, reset_epoch, reset_frame
 from .subscriber import CONTROL, Subscriber
 
 log = logging.getLogger("herald.stream")
@@ -132,45 +132,45 @@ class Streamer:
         sub = Subscriber(channels, self._config.client_buffer_bytes)
         start, new_channels = self._hub.attach(sub)
         try:
-            head, replay, floor = self._catch_up(sub, start, last, new_channels)
+            head, replay, floor, epoch = self._catch_up(sub, start, last, new_channels)
         except redis.RedisError as exc:
             self._hub.detach(sub)
             raise Unavailable(f"history could not be read: {exc}") from exc
         watcher = watch_disconnect(sock, sub)
-        return self._body(sub, head, replay, floor, watcher, sock, expires)
+        return self._body(sub, head, replay, (epoch, floor), watcher, sock, expires)
 
     def _catch_up(
         self, sub: Subscriber, start: Position, last: Position | None, new_channels: bool
-    ) -> tuple[bytes, list[bytes], int]:
-        """The first frame, the replayed frames, and the last seq they cover."""
+    ) -> tuple[bytes, list[bytes], int, bytes]:
+        """The first frame, the replayed frames, and the position (seq, epoch) they reach."""
         channels = list(sub.channels)
         if last is None:
             # A fresh stream starts at the hub's position. The id-only frame lets the
             # browser resume from there even if the stream drops before any event.
             head, after, check = sse.position(str(start).encode()), start, False
             if not new_channels:
-                return head, [], start.seq
+                return head, [], start.seq, start.epoch.encode()
         else:
             head, after, check = b"", last, True
             self._hub.stats["resumes"] += 1
             metrics.RESUMES.inc()
         replay = self._history.read(channels, after, check=check)
+        epoch = replay.epoch.encode()
         if replay.reset:
             self._hub.stats["resets"] += 1
             metrics.RESETS.labels(replay.reset).inc()
             continue_at = Position(replay.epoch, replay.seq)
-            return reset_frame(replay.reset, continue_at), [], replay.seq
-        epoch = replay.epoch.encode()
+            return reset_frame(replay.reset, continue_at), [], replay.seq, epoch
         frames = [event_frame(epoch, str(e.seq).encode(), e.event, e.data) for e in replay.events]
         floor = replay.events[-1].seq if replay.events else after.seq
-        return head, frames, max(floor, after.seq)
+        return head, frames, max(floor, after.seq), epoch
 
     def _body(
         self,
         sub: Subscriber,
         head: bytes,
         replay: list[bytes],
-        floor: int,
+        position: tuple[bytes, int],
         watcher: Any,
         sock: socket.socket | None,
         expires: float | None,
@@ -188,7 +188,7 @@ class Streamer:
                     chunk, size = [], 0
             if chunk:
                 yield b"".join(chunk)
-            yield from self._live(sub, floor, expires)
+            yield from self._live(sub, position, expires)
             # The stream ended on our side (shutdown): the body ends cleanly, and
             # the connection must not be kept alive for another request to a
             # worker that is stopping. EOF on the read side makes gunicorn close it.
@@ -200,8 +200,9 @@ class Streamer:
                 watcher.stop()
             self._hub.detach(sub)
 
-    def _live(self, sub: Subscriber, last: int, expires: float | None) -> Iterator[bytes]:
+    def _live(self, sub: Subscriber, position: tuple[bytes, int], expires: float | None) -> Iterator[bytes]:
         heartbeat = self._config.heartbeat_seconds
+        epoch, last = position
         while True:
             wait = heartbeat
             if expires is not None:
@@ -223,9 +224,11 @@ class Streamer:
                 if seq > last:
                     out.append(frame)
                     last = seq
-                elif seq == CONTROL:
+                elif seq == CONTROL and reset_epoch(frame) != epoch:
+                    # A new epoch: its numbers start again. (A client that already
+                    # reset to it while catching up skips the hub's reset.)
                     out.append(frame)
-                    last = CONTROL  # a new epoch: its numbers start again
+                    epoch, last = reset_epoch(frame), CONTROL
             if out:
                 yield b"".join(out)
 
@@ -298,7 +301,9 @@ def create_app(config: Config | None = None) -> Flask:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
         code = (exc.name or "error").lower().replace(" ", "_")
-        return error(exc.code or 500, code, exc.description or code)
+        # Keep the exception's own headers (Allow on a 405, for instance).
+        headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
+        return error(exc.code or 500, code, exc.description or code, headers)
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Response:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,9 +20,18 @@ def _number(env: Mapping[str, str], name: str, default: float, minimum: float) -
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {raw!r}")
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {raw}")
     return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+    value = _number(env, name, default, minimum)
+    if value != int(value):
+        raise ConfigError(f"{name} must be a whole number, got {env.get(name, '').strip()!r}")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -49,15 +59,15 @@ class Config:
         env = os.environ if env is None else env
         return cls(
             redis_url=env.get("REDIS_URL", "").strip() or cls.redis_url,
-            max_channels_per_stream=int(_number(env, "MAX_CHANNELS_PER_STREAM", 16, 1)),
-            retry_ms=int(_number(env, "RETRY_MS", 3000, 0)),
+            max_channels_per_stream=_int(env, "MAX_CHANNELS_PER_STREAM", 16, 1),
+            retry_ms=_int(env, "RETRY_MS", 3000, 0),
             heartbeat_seconds=_number(env, "HEARTBEAT_SECONDS", 15.0, 0.1),
-            max_connections=int(_number(env, "MAX_CONNECTIONS", 10000, 1)),
-            client_buffer_bytes=int(_number(env, "CLIENT_BUFFER_BYTES", 262144, 1024)),
+            max_connections=_int(env, "MAX_CONNECTIONS", 10000, 1),
+            client_buffer_bytes=_int(env, "CLIENT_BUFFER_BYTES", 262144, 1024),
             watchdog_seconds=_number(env, "WATCHDOG_SECONDS", 10.0, 0.5),
             subscribe_timeout_seconds=_number(env, "SUBSCRIBE_TIMEOUT_SECONDS", 5.0, 0.1),
-            redis_pool_size=int(_number(env, "REDIS_POOL_SIZE", 8, 1)),
-            retry_after_seconds=int(_number(env, "RETRY_AFTER_SECONDS", 2, 1)),
+            redis_pool_size=_int(env, "REDIS_POOL_SIZE", 8, 1),
+            retry_after_seconds=_int(env, "RETRY_AFTER_SECONDS", 2, 1),
             subscribe_secret=env.get("SUBSCRIBE_SECRET", ""),
             private_prefix=env.get("PRIVATE_CHANNEL_PREFIX", cls.private_prefix),
             token_cookie=env.get("SUBSCRIBE_TOKEN_COOKIE", "").strip() or cls.token_cookie,

@@ -48,6 +48,11 @@ def event_frame(epoch: bytes, seq: bytes, event: bytes, data: bytes) -> bytes:
     return sse.frame(data, event=event, id=epoch + b"-" + seq)
 
 
+def reset_epoch(frame: bytes) -> bytes:
+    """The epoch a reset frame moves its client to (its id comes first: `id: <epoch>-`)."""
+    return frame[4:16]
+
+
 def reset_frame(reason: str, position: Position) -> bytes:
     """A `reset` event: history cannot cover the gap; the client continues from `position`."""
     data = json.dumps({"reason": reason}).encode()

@@ -73,6 +73,8 @@ def expect_delivery(watcher: SSEClient, sent: list[dict[str, Any]], ids: list[st
         return any(e.id == event_id for e in watcher.events)
 
     for item, event_id in zip(sent, ids, strict=True):
+        if item["channel"] not in CHANNELS:
+            continue  # a valid name the generator made up; nobody watches it
         assert watcher.wait_for(partial(arrived, event_id), 10)
         (got,) = [e for e in watcher.events if e.id == event_id]
         assert json.loads(got.data) == item["data"]

@@ -1,0 +1,537 @@
+"""The publisher against real Redis and a real gunicorn + gevent worker.
+
+Every answer is checked for its exact status, its JSON error body and, where it
+matters, what did (or did not) land in Redis.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import post_events
+from tests.support.services import Service, eventually, free_port
+
+ID_RE = re.compile(r"([0-9a-f]{12})-([1-9][0-9]*)")
+JSON = {"Content-Type": "application/json"}
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+CLOSE = {"Connection": "close"}
+
+
+def seq_of(event_id: str) -> int:
+    match = ID_RE.fullmatch(event_id)
+    assert match, event_id
+    return int(match[2])
+
+
+def history(client: redis.Redis, channel: str) -> list[tuple[str, dict[str, str]]]:
+    """The channel's stream entries, decoded: [(entry id, {field: value})]."""
+    raw: Any = client.xrange(f"herald:stream:{channel}")
+    return [
+        (entry_id.decode(), {k.decode(): v.decode() for k, v in fields.items()}) for entry_id, fields in raw
+    ]
+
+
+def assert_error(answer: requests.Response, status: int, code: str | None = None) -> dict[str, Any]:
+    """A JSON error answer: exact status, Content-Type, and exactly {"error", "message"}."""
+    assert answer.status_code == status, (answer.status_code, answer.text)
+    assert answer.headers["Content-Type"] == "application/json", answer.headers
+    body = answer.json()
+    assert isinstance(body, dict)
+    assert set(body) == {"error", "message"}, body
+    assert isinstance(body["error"], str) and body["error"]
+    assert isinstance(body["message"], str) and body["message"]
+    if code is not None:
+        assert body["error"] == code, body
+    return body
+
+
+def post_raw(base: str, body: bytes, headers: dict[str, str] | None = None) -> requests.Response:
+    # Connection: close, like post_events: no idle keep-alive connection delays a service's stop.
+    return requests.post(
+        f"{base}/publish", data=body, headers={"Connection": "close", **(headers or {})}, timeout=10
+    )
+
+
+@pytest.fixture
+def limited(start: Callable[..., Service]) -> Service:
+    """A publisher with small limits."""
+    return start("publisher", MAX_EVENT_BYTES="100", MAX_BATCH="3", MAX_BODY_BYTES="1000")
+
+
+# -- accepted requests -------------------------------------------------------------
+
+
+def test_single_json_event_is_accepted_and_stored(
+    publisher: Service, redis_client: redis.Redis, channel: str
+) -> None:
+    answer = post_events(publisher.url, {"channel": channel, "data": {"b": [1, 2], "a": "x y"}})
+    assert answer.status_code == 202, answer.text
+    assert answer.headers["Content-Type"] == "application/json"
+    body = answer.json()
+    assert set(body) == {"id", "channel"}
+    assert body["channel"] == channel
+    match = ID_RE.fullmatch(body["id"])
+    assert match, body["id"]
+    epoch, seq = match[1], int(match[2])
+    assert redis_client.hget("herald:meta", "epoch") == epoch.encode()
+    assert int(redis_client.hget("herald:meta", "seq") or 0) >= seq
+    # `prev` is 0: the channel had no event before this one.
+    assert history(redis_client, channel) == [
+        (f"{seq}-0", {"event": "message", "data": '{"b":[1,2],"a":"x y"}', "prev": "0"})
+    ]
+    assert redis_client.hget("herald:channels", channel) == str(seq).encode()
+
+
+def test_event_name_and_unicode_data_are_stored_as_utf8_json(
+    publisher: Service, redis_client: redis.Redis, channel: str
+) -> None:
+    data = {"text": "héllo ✓ 🚀", "lines": "a\r\nb\x00"}
+    body = json.dumps({"channel": channel, "event": "user.joined", "data": data}, ensure_ascii=False)
+    answer = post_raw(publisher.url, body.encode("utf-8"), JSON)
+    assert answer.status_code == 202, answer.text
+    ((entry_id, fields),) = history(redis_client, channel)
+    assert entry_id == f"{seq_of(answer.json()['id'])}-0"
+    assert fields["event"] == "user.joined"
+    assert fields["data"] == '{"text":"héllo ✓ 🚀","lines":"a\\r\\nb\\u0000"}'
+    assert json.loads(fields["data"]) == data
+
+
+def test_json_with_a_charset_parameter_is_accepted(publisher: Service, channel: str) -> None:
+    answer = post_events(
+        publisher.url,
+        {"channel": channel, "data": 1},
+        headers={"Content-Type": "application/json; charset=utf-8"},
+    )
+    assert answer.status_code == 202, answer.text
+
+
+def test_batch_ids_are_in_order_and_strictly_increasing(
+    publisher: Service, redis_client: redis.Redis, channel: str
+) -> None:
+    a, b = channel + ".a", channel + ".b"
+    items: list[dict[str, Any]] = [
+        {"channel": a if i % 2 else b, "event": f"e{i}", "data": i} for i in range(7)
+    ]
+    answer = post_events(publisher.url, items)
+    assert answer.status_code == 202, answer.text
+    body = answer.json()
+    assert set(body) == {"events"}
+    assert [e["channel"] for e in body["events"]] == [item["channel"] for item in items]
+    assert all(set(e) == {"id", "channel"} for e in body["events"])
+    seqs = [seq_of(e["id"]) for e in body["events"]]
+    assert all(x < y for x, y in itertools.pairwise(seqs))
+    # One atomic script: nothing else can take a number in the middle of the batch.
+    assert seqs == list(range(seqs[0], seqs[0] + len(items)))
+    assert len({e["id"].split("-")[0] for e in body["events"]}) == 1
+    stored = history(redis_client, a) + history(redis_client, b)
+    by_seq = {int(entry_id.split("-")[0]): fields for entry_id, fields in stored}
+    assert sorted(by_seq) == seqs
+    previous = {a: 0, b: 0}  # each entry names the seq of its channel's previous event
+    for seq, item in zip(seqs, items, strict=True):
+        prev = previous[item["channel"]]
+        assert by_seq[seq] == {"event": item["event"], "data": str(item["data"]), "prev": str(prev)}
+        previous[item["channel"]] = seq
+    assert redis_client.hget("herald:channels", a) == str(previous[a]).encode()
+    assert redis_client.hget("herald:channels", b) == str(previous[b]).encode()
+
+
+def test_form_body_like_curl_sends_stores_data_as_a_json_string(
+    publisher: Service, redis_client: redis.Redis, channel: str
+) -> None:
+    # What `curl -d channel=... -d event=note -d 'data=hello world {"a": 1}'` sends.
+    body = f'channel={channel}&event=note&data=hello world {{"a": 1}}'.encode()
+    answer = post_raw(publisher.url, body, FORM)
+    assert answer.status_code == 202, answer.text
+    assert answer.json()["channel"] == channel
+    # And with --data-urlencode: '+' and %XX are decoded.
+    answer2 = post_raw(publisher.url, f"channel={channel}&data=caf%C3%A9+%E2%9C%93%0Aok".encode(), FORM)
+    assert answer2.status_code == 202, answer2.text
+    assert answer2.json() == {"id": answer2.json()["id"], "channel": channel}
+    (first_id, first), (_, second) = history(redis_client, channel)
+    assert first == {"event": "note", "data": '"hello world {\\"a\\": 1}"', "prev": "0"}
+    assert second == {"event": "message", "data": '"café ✓\\nok"', "prev": first_id.split("-")[0]}
+    assert json.loads(second["data"]) == "café ✓\nok"
+
+
+# -- 400 --------------------------------------------------------------------------
+
+BAD_JSON: dict[str, tuple[bytes, str]] = {
+    "malformed": (b'{"channel": "c", "data": ', "invalid_json"),
+    "not json": (b"hello", "invalid_json"),
+    "trailing garbage": (b'{"channel":"c","data":1} {}', "invalid_json"),
+    "empty body": (b"", "invalid_json"),
+    "blank body": (b"  \n ", "invalid_json"),
+    "invalid utf-8": (b'{"channel":"c","data":"\xff"}', "invalid_json"),
+    "utf-8 bom": (b'\xef\xbb\xbf{"channel":"c","data":1}', "invalid_json"),
+    "NaN": (b'{"channel":"c","data":NaN}', "invalid_json"),
+    "Infinity": (b'{"channel":"c","data":[-Infinity]}', "invalid_json"),
+    "duplicate keys": (b'{"channel":"c","data":1,"data":2}', "invalid_json"),
+    "nested duplicate keys": (b'{"channel":"c","data":{"k":1,"k":1}}', "invalid_json"),
+    "batch duplicate keys": (b'[{"channel":"c","channel":"d","data":1}]', "invalid_json"),
+    "deep nesting": (b"[" * 50_000 + b"]" * 50_000, "invalid_json"),
+    "huge integer": (b'{"channel":"c","data":' + b"7" * 5000 + b"}", "invalid_json"),
+    "missing data": (b'{"channel":"c"}', "invalid_event"),
+    "missing channel": (b'{"data":1}', "invalid_event"),
+    "channel not a string": (b'{"channel":1,"data":1}', "invalid_event"),
+    "channel null": (b'{"channel":null,"data":1}', "invalid_event"),
+    "event not a string": (b'{"channel":"c","event":["x"],"data":1}', "invalid_event"),
+    "bad channel": (b'{"channel":"a b","data":1}', "invalid_event"),
+    "empty channel": (b'{"channel":"","data":1}', "invalid_event"),
+    "long channel": (b'{"channel":"' + b"x" * 129 + b'","data":1}', "invalid_event"),
+    "unicode channel": ('{"channel":"café","data":1}'.encode(), "invalid_event"),
+    "newline channel": (b'{"channel":"a\\nb","data":1}', "invalid_event"),
+    "bad event name": (b'{"channel":"c","event":"a\\r\\nb","data":1}', "invalid_event"),
+    "long event name": (b'{"channel":"c","event":"' + b"e" * 65 + b'","data":1}', "invalid_event"),
+    "unknown field": (b'{"channel":"c","data":1,"id":"x"}', "invalid_event"),
+    "lone surrogate": (b'{"channel":"c","data":"\\udc00"}', "invalid_event"),
+    "overflowing number": (b'{"channel":"c","data":1e999}', "invalid_event"),
+    "top-level string": (b'"hello"', "invalid_event"),
+    "top-level null": (b"null", "invalid_event"),
+    "empty batch": (b"[]", "empty_batch"),
+    "batch item not an object": (b'[{"channel":"c","data":1}, 2]', "invalid_event"),
+    "batch item array": (b'[[{"channel":"c","data":1}]]', "invalid_event"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_JSON)
+def test_bad_json_requests_get_400_with_a_json_error(
+    publisher: Service, redis_client: redis.Redis, case: str
+) -> None:
+    body, code = BAD_JSON[case]
+    seq_before = redis_client.hget("herald:meta", "seq")
+    assert_error(post_raw(publisher.url, body, JSON), 400, code)
+    assert redis_client.hget("herald:meta", "seq") == seq_before  # nothing was stored
+
+
+BAD_FORMS: dict[str, tuple[bytes, str]] = {
+    "missing data": (b"channel=c", "invalid_event"),
+    "missing channel": (b"data=x", "invalid_event"),
+    "repeated data": (b"channel=c&data=x&data=y", "invalid_event"),
+    "repeated channel": (b"channel=c&channel=d&data=x", "invalid_event"),
+    "unknown field": (b"channel=c&data=x&token=t", "invalid_event"),
+    "bare word": (b"channel=c&data=x&oops", "invalid_event"),
+    "bad channel": (b"channel=a%20b&data=x", "invalid_event"),
+    "bad event": (b"channel=c&event=a%0Ab&data=x", "invalid_event"),
+    "invalid utf-8": (b"channel=c&data=\xff", "invalid_form"),
+    "empty": (b"", "invalid_event"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FORMS)
+def test_bad_form_requests_get_400_with_a_json_error(publisher: Service, case: str) -> None:
+    body, code = BAD_FORMS[case]
+    assert_error(post_raw(publisher.url, body, FORM), 400, code)
+
+
+def test_nesting_around_the_recursion_limit_is_never_a_500(publisher: Service, channel: str) -> None:
+    depths = [*range(900, 1100, 7), 2000, 10_000]
+    for depth in depths:
+        for data in (b"[" * depth + b"]" * depth, b'{"a":' * depth + b"0" + b"}" * depth):
+            body = b'{"channel":"' + channel.encode() + b'","data":' + data + b"}"
+            answer = post_raw(publisher.url, body, JSON)
+            assert answer.status_code in (202, 400), (depth, answer.status_code, answer.text)
+            if answer.status_code == 400:
+                assert_error(answer, 400)
+    assert "unexpected error" not in publisher.log()
+
+
+# -- 413 --------------------------------------------------------------------------
+
+
+def test_event_over_max_event_bytes_is_413(limited: Service, redis_client: redis.Redis, channel: str) -> None:
+    # The size is the UTF-8 size of the compact JSON: '"' + 98 chars + '"' is 100 bytes.
+    assert post_events(limited.url, {"channel": channel, "data": "x" * 98}).status_code == 202
+    assert_error(post_events(limited.url, {"channel": channel, "data": "x" * 99}), 413, "event_too_large")
+    # 49 two-byte characters are 98 bytes + 2 quotes = 100; one more is over.
+    assert post_events(limited.url, {"channel": channel, "data": "é" * 49}).status_code == 202
+    assert_error(post_events(limited.url, {"channel": channel, "data": "é" * 50}), 413, "event_too_large")
+    # Whitespace in the request does not count: the stored form is compact.
+    ones = ", ".join(["1"] * 49)
+    spaced = f'{{"channel": "{channel}", "data": [{ones}]}}'
+    assert post_raw(limited.url, spaced.encode(), JSON).status_code == 202
+    assert len(history(redis_client, channel)) == 3
+
+
+def test_batch_over_max_batch_is_413(limited: Service, redis_client: redis.Redis, channel: str) -> None:
+    item = {"channel": channel, "data": 1}
+    assert post_events(limited.url, [item] * 3).status_code == 202
+    assert_error(post_events(limited.url, [item] * 4), 413, "batch_too_large")
+    assert len(history(redis_client, channel)) == 3
+
+
+def test_body_over_max_body_bytes_is_413(limited: Service, channel: str) -> None:
+    event = json.dumps({"channel": channel, "data": 1}).encode()
+    exactly = event + b" " * (1000 - len(event))
+    assert len(exactly) == 1000
+    assert post_raw(limited.url, exactly, JSON).status_code == 202
+    assert_error(post_raw(limited.url, exactly + b" ", JSON), 413, "body_too_large")
+    # The body limit comes before the content type check and applies to forms too.
+    assert_error(post_raw(limited.url, b"x" * 5000, {"Content-Type": "text/plain"}), 413, "body_too_large")
+    assert_error(post_raw(limited.url, b"data=" + b"x" * 2000, FORM), 413, "body_too_large")
+
+
+def test_chunked_body_over_max_body_bytes_is_413(limited: Service, channel: str) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield json.dumps({"channel": channel, "data": "x"}).encode()
+        for _ in range(20):
+            yield b" " * 100
+
+    answer = requests.post(f"{limited.url}/publish", data=chunks(), headers={**JSON, **CLOSE}, timeout=10)
+    assert_error(answer, 413, "body_too_large")
+
+
+def test_small_chunked_body_is_accepted(limited: Service, redis_client: redis.Redis, channel: str) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield json.dumps({"channel": channel, "data": "chunked"}).encode()
+        yield b"  "
+
+    answer = requests.post(f"{limited.url}/publish", data=chunks(), headers={**JSON, **CLOSE}, timeout=10)
+    assert answer.status_code == 202, answer.text
+    assert history(redis_client, channel)[0][1]["data"] == '"chunked"'
+
+
+def test_default_limits(publisher: Service, channel: str) -> None:
+    assert post_events(publisher.url, [{"channel": channel, "data": 1}] * 100).status_code == 202
+    assert_error(post_events(publisher.url, [{"channel": channel, "data": 1}] * 101), 413, "batch_too_large")
+    big = {"channel": channel, "data": "x" * (65536 - 2)}
+    assert post_events(publisher.url, big).status_code == 202
+    assert_error(
+        post_events(publisher.url, {"channel": channel, "data": "x" * 65535}), 413, "event_too_large"
+    )
+    assert_error(post_raw(publisher.url, b" " * (1048576 + 1), JSON), 413, "body_too_large")
+
+
+# -- 415 --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "text/plain",
+        "multipart/form-data; boundary=xyz",
+        None,
+        "application/xml",
+        "application/merge-patch+json",
+        "text/json",
+    ],
+)
+def test_other_content_types_get_415(publisher: Service, channel: str, content_type: str | None) -> None:
+    headers = {"Content-Type": content_type} if content_type else {}
+    body = json.dumps({"channel": channel, "data": 1}).encode()
+    answer = post_raw(publisher.url, body, headers)
+    if content_type is None:
+        assert "Content-Type" not in answer.request.headers
+    assert_error(answer, 415, "unsupported_media_type")
+
+
+def test_real_multipart_upload_gets_415(publisher: Service, channel: str) -> None:
+    answer = requests.post(
+        f"{publisher.url}/publish",
+        files={"data": ("d.txt", b"x")},
+        data={"channel": channel},
+        headers=CLOSE,
+        timeout=10,
+    )
+    assert str(answer.request.headers["Content-Type"]).startswith("multipart/form-data")
+    assert_error(answer, 415, "unsupported_media_type")
+
+
+# -- 401 --------------------------------------------------------------------------
+
+
+def test_publish_tokens(start: Callable[..., Service], redis_client: redis.Redis, channel: str) -> None:
+    service = start("publisher", PUBLISH_TOKEN="tok1,tok2")
+    event = {"channel": channel, "data": 1}
+    refused = {
+        "missing header": {},
+        "wrong token": {"Authorization": "Bearer tok3"},
+        "token prefix": {"Authorization": "Bearer tok"},
+        "token with suffix": {"Authorization": "Bearer tok1x"},
+        "both tokens": {"Authorization": "Bearer tok1,tok2"},
+        "wrong scheme": {"Authorization": "Basic tok1"},
+        "no scheme": {"Authorization": "tok1"},
+        "empty bearer": {"Authorization": "Bearer "},
+        "scheme only": {"Authorization": "Bearer"},
+    }
+    for case, headers in refused.items():
+        answer = post_events(service.url, event, headers=headers)
+        assert_error(answer, 401, "unauthorized")
+        assert answer.headers["WWW-Authenticate"].startswith("Bearer"), case
+    # Authentication comes before validation: a bad body without a token is still a 401.
+    assert_error(post_raw(service.url, b"{", JSON), 401, "unauthorized")
+    assert_error(post_raw(service.url, b"x", {"Content-Type": "text/plain"}), 401, "unauthorized")
+    assert history(redis_client, channel) == []
+    for token in ("tok1", "tok2"):
+        answer = post_events(service.url, event, token=token)
+        assert answer.status_code == 202, (token, answer.text)
+    # The scheme is case-insensitive (RFC 9110).
+    assert post_events(service.url, event, headers={"Authorization": "bearer tok2"}).status_code == 202
+    assert len(history(redis_client, channel)) == 3
+    # With tokens set, no warning about open publishing.
+    assert "PUBLISH_TOKEN is empty" not in service.log()
+
+
+def test_open_publishing_logs_a_startup_warning(publisher: Service) -> None:
+    assert eventually(lambda: "PUBLISH_TOKEN is empty" in publisher.log(), timeout=5), publisher.log()
+
+
+# -- 503 --------------------------------------------------------------------------
+
+
+def test_redis_unreachable_gives_503_with_retry_after(start: Callable[..., Service], channel: str) -> None:
+    closed = f"redis://127.0.0.1:{free_port()}/0"
+    service = start("publisher", redis_url_override=closed, ready=False, RETRY_AFTER_SECONDS="5")
+    answer = post_events(service.url, {"channel": channel, "data": 1})
+    assert_error(answer, 503, "redis_unavailable")
+    assert answer.headers["Retry-After"] == "5"
+    batch = post_events(service.url, [{"channel": channel, "data": 1}] * 2)
+    assert_error(batch, 503, "redis_unavailable")
+    # Validation still answers without Redis.
+    assert_error(post_raw(service.url, b"{", JSON), 400, "invalid_json")
+    ready = requests.get(f"{service.url}/readyz", headers=CLOSE, timeout=10)
+    assert_error(ready, 503, "redis_unavailable")
+    assert ready.headers["Retry-After"] == "5"
+    assert requests.get(f"{service.url}/healthz", headers=CLOSE, timeout=5).json() == {"status": "ok"}
+    assert "unexpected error" not in service.log()
+
+
+# -- Idempotency-Key ----------------------------------------------------------------
+
+
+def test_idempotency_key_errors_are_json(publisher: Service, redis_client: redis.Redis, channel: str) -> None:
+    key = f"k-{channel}"
+    event = {"channel": channel, "data": 1}
+    first = post_events(publisher.url, event, headers={"Idempotency-Key": key})
+    assert first.status_code == 202, first.text
+    # The same request again: the first answer, nothing stored twice.
+    again = post_events(publisher.url, event, headers={"Idempotency-Key": key})
+    assert again.status_code == 202
+    assert again.json() == first.json()
+    assert again.headers["Idempotent-Replayed"] == "true"
+    # The same key with another request: 422.
+    other = post_events(publisher.url, {"channel": channel, "data": 2}, headers={"Idempotency-Key": key})
+    assert_error(other, 422, "idempotency_key_reused")
+    # A key outside 1-255 printable ASCII characters: 400.
+    for bad in ("a b", "x" * 256, "tab\tkey"):
+        answer = post_events(publisher.url, event, headers={"Idempotency-Key": bad})
+        assert_error(answer, 400, "invalid_idempotency_key")
+    assert len(history(redis_client, channel)) == 1
+
+
+# -- all or nothing ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("third", "status"),
+    [
+        ({"channel": "bad name", "data": 3}, 400),
+        ({"channel": "c", "data": 3, "extra": 1}, 400),
+        ("not an object", 400),
+        ({"channel": "c", "data": "x" * 70_000}, 413),
+    ],
+)
+def test_a_batch_failing_in_its_third_item_stores_nothing(
+    publisher: Service, redis_client: redis.Redis, channel: str, third: Any, status: int
+) -> None:
+    a, b = channel + ".a", channel + ".b"
+    post_events(publisher.url, {"channel": a, "data": 0})  # a stream that already exists
+    lengths = {c: redis_client.xlen(f"herald:stream:{c}") for c in (a, b)}
+    seq_before = redis_client.hget("herald:meta", "seq")
+    if isinstance(third, dict) and third.get("channel") == "c":
+        third = {**third, "channel": b}
+    batch = [{"channel": a, "data": 1}, {"channel": b, "data": 2}, third, {"channel": a, "data": 4}]
+    body = assert_error(post_events(publisher.url, batch), status)
+    assert "item 2" in body["message"]
+    assert {c: redis_client.xlen(f"herald:stream:{c}") for c in (a, b)} == lengths
+    assert lengths == {a: 1, b: 0}
+    assert redis_client.hget("herald:meta", "seq") == seq_before
+
+
+# -- other paths and methods ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        ("GET", "/nope", 404, "not_found"),
+        ("POST", "/publish/extra", 404, "not_found"),
+        ("POST", "/", 404, "not_found"),
+        ("GET", "/publish", 405, "method_not_allowed"),
+        ("PUT", "/publish", 405, "method_not_allowed"),
+        ("DELETE", "/publish", 405, "method_not_allowed"),
+        ("POST", "/healthz", 405, "method_not_allowed"),
+    ],
+)
+def test_unknown_paths_and_methods_get_json_errors(
+    publisher: Service, method: str, path: str, status: int, code: str
+) -> None:
+    answer = requests.request(method, publisher.url + path, headers=CLOSE, timeout=5)
+    assert_error(answer, status, code)
+
+
+def test_405_lists_the_allowed_methods(publisher: Service) -> None:
+    answer = requests.get(f"{publisher.url}/publish", headers=CLOSE, timeout=5)
+    assert answer.status_code == 405
+    assert "POST" in answer.headers.get("Allow", "")
+
+
+# -- never a 500 ----------------------------------------------------------------------
+
+FUZZ_CHANNEL = f"t.fuzz-{uuid.uuid4().hex[:8]}"
+_names = st.sampled_from([FUZZ_CHANNEL, "", "a b", "é", "x" * 130, "\x00"])
+_fields = st.dictionaries(
+    st.sampled_from(["channel", "event", "data", "id", "Data"]),
+    _names | st.integers() | st.none() | st.lists(st.integers(), max_size=2),
+    max_size=4,
+)
+_documents = _fields | st.lists(_fields | st.integers() | st.none(), max_size=4)
+_bodies = st.one_of(
+    _documents.map(lambda d: json.dumps(d).encode()),
+    _documents.map(lambda d: json.dumps(d)[: max(0, len(json.dumps(d)) - 3)].encode()),
+    st.binary(max_size=200),
+    st.text(max_size=100).map(lambda t: t.encode("utf-8", "surrogatepass")),
+)
+_content_types = st.sampled_from(
+    [
+        "application/json",
+        "application/x-www-form-urlencoded",
+        "application/json; charset=latin-1",
+        "text/plain",
+        "",
+        "application/x-www-form-urlencoded; charset=utf-8",
+    ]
+)
+_authorizations = st.sampled_from(["", "Bearer x", "Basic Zm9vOmJhcg==", "Bearer  ", "bearer é"])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=_bodies, content_type=_content_types, authorization=_authorizations)
+def test_no_request_body_causes_a_500(
+    publisher: Service, body: bytes, content_type: str, authorization: str
+) -> None:
+    headers = {"Content-Type": content_type} if content_type else {}
+    if authorization:
+        headers["Authorization"] = authorization
+    answer = post_raw(
+        publisher.url, body, {k: v.encode("utf-8").decode("latin-1") for k, v in headers.items()}
+    )
+    assert answer.status_code in (202, 400, 413, 415), (answer.status_code, answer.text)
+    if answer.status_code != 202:
+        assert_error(answer, answer.status_code)
+
+
+def test_the_publisher_log_has_no_unexpected_errors(publisher: Service) -> None:
+    log = publisher.log()
+    assert "unexpected error" not in log
+    assert "Traceback" not in log
