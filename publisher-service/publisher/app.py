@@ -81,7 +81,9 @@ def idempotency(config: Config, body: bytes) -> Idempotency | None:
             400, "invalid_idempotency_key", "Idempotency-Key must be 1-255 printable ASCII characters"
         )
     digest = hashlib.sha256(request.mimetype.encode() + b"\0" + body).hexdigest()
-    return Idempotency(key, digest, config.idempotency_window_seconds)
+    # Keys are per publisher: two tokens using the same key never see each other's events.
+    caller = hashlib.sha256(request.headers.get("Authorization", "").encode()).hexdigest()[:16]
+    return Idempotency(f"{caller}:{key}", digest, config.idempotency_window_seconds)
 
 
 def parse_events(config: Config) -> tuple[list[Event], bool, bytes]:

@@ -86,13 +86,7 @@ def expect_delivery(watcher: SSEClient, sent: list[dict[str, Any]], ids: list[st
 def test_any_publish_is_answered_2xx_or_json_4xx(
     publisher: Service, watcher: SSEClient, body: Any, content_type: str
 ) -> None:
-    raw = json.dumps(body).encode()
-    answer = requests.post(
-        f"{publisher.url}/publish",
-        data=raw,
-        headers={"Content-Type": content_type, "Connection": "close"},
-        timeout=10,
-    )
+    answer = post_events(publisher.url, json.dumps(body), headers={"Content-Type": content_type})
     check_answer(answer)
     if answer.status_code == 202:
         sent = body if isinstance(body, list) else [body]
@@ -104,13 +98,7 @@ def test_any_publish_is_answered_2xx_or_json_4xx(
 @settings(max_examples=60, deadline=None)
 @given(raw=st.binary(max_size=300), content_type=content_types)
 def test_arbitrary_bytes_never_cause_a_5xx(publisher: Service, raw: bytes, content_type: str) -> None:
-    answer = requests.post(
-        f"{publisher.url}/publish",
-        data=raw,
-        headers={"Content-Type": content_type, "Connection": "close"},
-        timeout=10,
-    )
-    check_answer(answer)
+    check_answer(post_events(publisher.url, raw, headers={"Content-Type": content_type}))
 
 
 @pytest.mark.parametrize(
