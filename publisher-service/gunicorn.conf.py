@@ -24,6 +24,8 @@ errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info")
 # Do not preload: Redis clients must be created after the fork and gevent's patching.
 preload_app = False
+# gunicorn 27's control socket lives in the home directory; the services have none.
+control_socket_disable = True
 
 # JSON log lines (with the request id) for gunicorn and the app.
 logconfig_dict = __import__("publisher.logs", fromlist=["log_config"]).log_config(loglevel)

@@ -1,0 +1,149 @@
+"""The end-to-end layer: the whole Compose stack, reached through nginx.
+
+One stack per session, brought up the way a developer does it
+(scripts/compose-local.sh up --build --wait, or HERALD_E2E_COMPOSE), under a
+unique project name on a free loopback port, and always torn down with
+`down -v`. Without Docker these tests are skipped, except in CI (CI=true),
+where that is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.support import Stack, compose_command, free_port
+from tests.support.docker import docker_available, in_ci
+
+E2E_DIR = Path(__file__).parent
+# Generous: the first test of a session also builds the images (and, on a fresh
+# air-gapped machine, the local base images).
+FIRST_TEST_TIMEOUT = 900
+MEASUREMENTS: dict[str, Any] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "e2e: needs the whole Compose stack (Docker, images)")
+    config.addinivalue_line("markers", "browser: needs headless Chromium and chromium-driver")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test here e2e, and give the first one time to build the stack."""
+    first = True
+    for item in items:
+        if E2E_DIR not in Path(str(item.fspath)).parents:
+            continue
+        item.add_marker(pytest.mark.e2e)
+        if first and config.pluginmanager.hasplugin("timeout"):
+            item.add_marker(pytest.mark.timeout(FIRST_TEST_TIMEOUT))
+        first = False
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if MEASUREMENTS:
+        terminalreporter.section("herald e2e measurements")
+        for key, value in MEASUREMENTS.items():
+            terminalreporter.write_line(f"{key}: {value}")
+
+
+@pytest.fixture(scope="session")
+def measurements() -> dict[str, Any]:
+    """Numbers measured by the tests, printed at the end of the run."""
+    return MEASUREMENTS
+
+
+def _require_docker_and_compose() -> None:
+    problem = None
+    if not docker_available():
+        problem = "the e2e tests need Docker, and no Docker engine is reachable"
+    else:
+        tool = compose_command()[0]
+        if shutil.which(tool) is None and not Path(tool).exists():
+            problem = f"the e2e tests need {tool}"
+    if problem is None:
+        return
+    if in_ci():
+        pytest.fail(problem + " (CI must provide it)", pytrace=False)
+    pytest.skip(problem)
+
+
+# Small timings so the suite is quick; a token so /publish is not open.
+E2E_SETTINGS = {
+    "HERALD_BIND": "127.0.0.1",
+    "PUBLISH_TOKEN": "e2e-token-" + secrets.token_hex(4),
+    "HEARTBEAT_SECONDS": "2",
+    "RETRY_MS": "500",
+    "WATCHDOG_SECONDS": "3",
+    "MAX_BODY_BYTES": "262144",
+    "PUBLISH_RATE": "100r/s",
+    "PUBLISH_BURST": "200",
+    "GRACEFUL_TIMEOUT": "5",
+    "STOP_GRACE_PERIOD": "10s",
+    "LOG_LEVEL": "info",
+}
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The whole stack, up and healthy; torn down (with its volume) at the end."""
+    _require_docker_and_compose()
+    workdir = tmp_path_factory.mktemp("herald-e2e")
+    project = f"herald-e2e-{os.getpid()}-{secrets.token_hex(3)}"
+    port = free_port()
+    settings = {**E2E_SETTINGS, "HERALD_PORT": str(port), "COMPOSE_PROJECT_NAME": project}
+    env_file = workdir / "e2e.env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
+    the_stack = Stack(
+        project=project,
+        port=port,
+        env_file=env_file,
+        token=settings["PUBLISH_TOKEN"],
+        settings=settings,
+        log_dir=workdir,
+    )
+    started = time.monotonic()
+    try:
+        the_stack.compose("up", "--build", "--wait", timeout=FIRST_TEST_TIMEOUT - 60, prepare=True)
+        MEASUREMENTS["stack up (build + wait healthy), s"] = round(time.monotonic() - started, 1)
+        yield the_stack
+    finally:
+        # Keep the logs for a post-mortem, then remove everything, volume included.
+        try:
+            logs = the_stack.compose("logs", "--no-color", "--timestamps", timeout=60, check=False)
+            (workdir / "compose.log").write_text(logs.stdout + logs.stderr)
+            MEASUREMENTS["compose logs"] = str(workdir / "compose.log")
+        except (subprocess.SubprocessError, OSError):
+            pass
+        down = the_stack.compose(
+            "down", "-v", "--rmi", "local", "--remove-orphans", "--timeout", "10", timeout=180, check=False
+        )
+        if down.returncode != 0:  # never leave containers behind
+            label = f"label=com.docker.compose.project={project}"
+            subprocess.run(
+                f"docker ps -aq --filter {label} | xargs -r docker rm -f",
+                shell=True,
+                check=False,
+                timeout=120,
+            )
+            subprocess.run(
+                f"docker volume ls -q --filter {label} | xargs -r docker volume rm",
+                shell=True,
+                check=False,
+                timeout=60,
+            )
+        the_stack.session.close()
+
+
+@pytest.fixture
+def channel() -> str:
+    """A channel no other test uses."""
+    return f"e2e.{secrets.token_hex(6)}"
