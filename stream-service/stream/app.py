@@ -21,7 +21,7 @@ from .auth import AccessDenied, authorize, find_token
 from .config import Config
 from .history import BadEventId, History, Position
 from .hub import Hub, Unavailable, event_frame, reset_epoch, reset_frame
-from .subscriber import CONTROL, Subscriber
+from .subscriber import CONTROL, RAW, Subscriber, chunk
 
 log = logging.getLogger("herald.stream")
 
@@ -130,6 +130,11 @@ class Streamer:
         """Start a stream, or raise Unavailable; the result is the response body."""
         sock = request.environ.get("gunicorn.socket")
         sub = Subscriber(channels, self._config.client_buffer_bytes)
+        if sock is not None:
+            # Under gunicorn the hub may write to the plain socket directly (the
+            # fast path, see Subscriber); gunicorn chunks HTTP/1.1 responses.
+            sub.sock = getattr(sock, "_sock", None)
+            sub.chunked = request.environ.get("SERVER_PROTOCOL") == "HTTP/1.1"
         start, new_channels = self._hub.attach(sub)
         try:
             head, replay, floor, epoch = self._catch_up(sub, start, last, new_channels)
@@ -188,7 +193,10 @@ class Streamer:
                     chunk, size = [], 0
             if chunk:
                 yield b"".join(chunk)
-            yield from self._live(sub, position, expires)
+            if sock is not None and sub.sock is not None:
+                self._live_direct(sub, sock, position, expires)
+            else:
+                yield from self._live(sub, position, expires)
             # The stream ended on our side (shutdown): the body ends cleanly, and
             # the connection must not be kept alive for another request to a
             # worker that is stopping. EOF on the read side makes gunicorn close it.
@@ -201,36 +209,83 @@ class Streamer:
             self._hub.detach(sub)
 
     def _live(self, sub: Subscriber, position: tuple[bytes, int], expires: float | None) -> Iterator[bytes]:
-        heartbeat = self._config.heartbeat_seconds
+        """Live events until the stream ends, written through gunicorn (yielded)."""
         epoch, last = position
         while True:
-            wait = heartbeat
-            if expires is not None:
-                left = expires - time.time()
-                if left <= 0:
-                    # The subscribe token ran out: say so, so the app can fetch a new one.
-                    yield TOKEN_EXPIRED
-                    return
-                wait = min(wait, left)
-            items = sub.take(wait)
+            items = sub.take(self._wait(expires))
             if sub.closed:
                 return
             if not items:
-                if expires is None or time.time() < expires:
-                    yield HEARTBEAT
+                yield self._idle_frame(expires)
+                if expires is not None and time.time() >= expires:
+                    return
                 continue
-            out = []
-            for seq, frame in items:
-                if seq > last:
-                    out.append(frame)
-                    last = seq
-                elif seq == CONTROL and reset_epoch(frame) != epoch:
-                    # A new epoch: its numbers start again. (A client that already
-                    # reset to it while catching up skips the hub's reset.)
-                    out.append(frame)
-                    epoch, last = reset_epoch(frame), CONTROL
-            if out:
-                yield b"".join(out)
+            _, frames, epoch, last = select(items, epoch, last)
+            if frames:
+                yield b"".join(frames)
+
+    def _live_direct(
+        self, sub: Subscriber, sock: socket.socket, position: tuple[bytes, int], expires: float | None
+    ) -> None:
+        """Live events until the stream ends, written to the socket itself.
+
+        gunicorn has written the headers and every chunk yielded so far; from here
+        the hub writes events straight to the socket while this greenlet sleeps,
+        and this greenlet writes only what the hub had to queue, and heartbeats.
+        """
+        frame_out = chunk if sub.chunked else bytes
+        epoch, last = position
+        sub.last = last
+        sub.direct = True
+        while True:
+            items = sub.take(self._wait(expires))
+            if sub.closed:
+                return
+            sub.direct = False  # this greenlet writes now; the hub queues meanwhile
+            if not items:
+                sock.sendall(frame_out(self._idle_frame(expires)))
+                if expires is not None and time.time() >= expires:
+                    return
+            else:
+                prefix, frames, epoch, last = select(items, epoch, last)
+                sub.last = last
+                sock.sendall(prefix + (frame_out(b"".join(frames)) if frames else b""))
+            sub.direct = not sub.pending and not sub.closed
+
+    def _wait(self, expires: float | None) -> float:
+        if expires is None:
+            return self._config.heartbeat_seconds
+        return max(0.0, min(self._config.heartbeat_seconds, expires - time.time()))
+
+    @staticmethod
+    def _idle_frame(expires: float | None) -> bytes:
+        """A heartbeat, or, once the subscribe token has run out, the notice of it."""
+        if expires is not None and time.time() >= expires:
+            return TOKEN_EXPIRED
+        return HEARTBEAT
+
+
+def select(items: list[tuple[int, bytes]], epoch: bytes, last: int) -> tuple[bytes, list[bytes], bytes, int]:
+    """What of the queued items goes to the client, in order, and the position after.
+
+    Returns the raw prefix (the rest of a partial direct write), the frames to
+    send, and the new (epoch, last seq): events at or below the client's
+    position were already sent (during catch-up) and are skipped.
+    """
+    prefix = b""
+    frames = []
+    for seq, frame in items:
+        if seq > last:
+            frames.append(frame)
+            last = seq
+        elif seq == RAW:
+            prefix += frame
+        elif seq == CONTROL and reset_epoch(frame) != epoch:
+            # A new epoch: its numbers start again. (A client that already reset
+            # to it while catching up skips the hub's reset.)
+            frames.append(frame)
+            epoch, last = reset_epoch(frame), CONTROL
+    return prefix, frames, epoch, last
 
 
 def create_app(config: Config | None = None) -> Flask:

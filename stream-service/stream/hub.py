@@ -28,7 +28,7 @@ from redis.connection import ConnectionInterface, ConnectionPool
 from . import metrics, sse
 from .config import Config
 from .history import META_KEY, History, HistoryEvent, Position, new_epoch
-from .subscriber import CONTROL, Subscriber
+from .subscriber import CONTROL, Subscriber, chunk
 
 log = logging.getLogger("herald.stream.hub")
 
@@ -353,9 +353,10 @@ class Hub:
         if not subs:
             return
         self._burst += len(frame)
+        framed = chunk(frame)  # once for every subscriber the hub writes to directly
         dropped = 0
         for sub in subs:
-            if not sub.push(seq, frame):
+            if not sub.push(seq, frame, framed):
                 dropped += 1
         self.stats["delivered"] += len(subs) - dropped
         metrics.DELIVERED.inc(len(subs) - dropped)

@@ -1,14 +1,20 @@
-"""One connected SSE client: a bounded buffer of encoded frames.
+"""One connected SSE client: a bounded buffer of encoded frames, and a fast path.
 
-The hub pushes frames; the client's own greenlet takes them all at once and
-writes them in one chunk. A client whose buffer outgrows its byte limit is
-disconnected (it comes back with its Last-Event-ID), so memory stays bounded
-however slow a client is.
+The fast path: while a client is live, has nothing queued and its own greenlet
+is not writing, the hub writes each event's bytes straight to the client's
+socket (non-blocking) and is done: no buffer, no wake-up, no greenlet switch.
+Whatever the socket does not take at once (a full socket buffer) is queued, and
+the client's greenlet takes over writing until the client has caught up.
+
+The buffer is bounded in bytes: a client that falls that far behind is dropped
+(it comes back with its Last-Event-ID), so memory stays bounded however slow a
+client is.
 """
 
 from __future__ import annotations
 
 import errno
+import socket
 from collections import deque
 from collections.abc import Iterable
 
@@ -19,27 +25,70 @@ from greenlet import greenlet
 # A frame that is not an event (a reset): always delivered, and it lets the
 # events after it through whatever their sequence number (a new epoch).
 CONTROL = -1
+# Bytes already framed for the socket (the rest of a partial write): written first, as is.
+RAW = -2
+
+
+def chunk(data: bytes) -> bytes:
+    """`data` as one HTTP/1.1 chunk (the response is chunked; gunicorn wrote the headers)."""
+    return b"%X\r\n%b\r\n" % (len(data), data)
 
 
 class Subscriber:
     """A client's channels, its buffer of (seq, frame) items, and its state."""
 
-    __slots__ = ("_bytes", "_items", "_limit", "_wakeup", "channels", "closed", "owner")
+    __slots__ = (
+        "_bytes",
+        "_items",
+        "_limit",
+        "_wakeup",
+        "channels",
+        "chunked",
+        "closed",
+        "direct",
+        "last",
+        "owner",
+        "sock",
+    )
 
-    def __init__(self, channels: Iterable[str], limit_bytes: int, owner: greenlet | None = None) -> None:
+    def __init__(self, channels: Iterable[str], limit_bytes: int) -> None:
         self.channels = tuple(channels)
         self._items: deque[tuple[int, bytes]] = deque()
         self._bytes = 0
         self._limit = limit_bytes
         self._wakeup = Event()
+        self.closed: str | None = None  # why the stream must end, once it must
         # The greenlet writing this client's response, once streaming has begun.
         self.owner: greenlet | None = None
-        self.closed: str | None = None  # why the stream must end, once it must
+        # The plain non-blocking socket, once writes may bypass gunicorn.
+        self.sock: socket.socket | None = None
+        self.chunked = True
+        # True while the hub may write to `sock` itself: live, nothing queued,
+        # and the client's greenlet is not in the middle of a write.
+        self.direct = False
+        self.last = 0  # the last sequence number sent
 
-    def push(self, seq: int, frame: bytes) -> bool:
-        """Queue a frame; False if this frame put the client too far behind (dropped)."""
+    def push(self, seq: int, frame: bytes, framed: bytes | None = None) -> bool:
+        """Send or queue a frame; False if it put the client too far behind (dropped).
+
+        `framed` is `frame` as a chunk, built once by the caller for everyone.
+        """
         if self.closed:
             return True  # already ending; nothing more to count
+        if self.direct and seq > self.last:
+            data = (framed or chunk(frame)) if self.chunked else frame
+            try:
+                sent = self.sock.send(data)  # type: ignore[union-attr]
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.close("gone")
+                return True
+            self.last = seq
+            if sent == len(data):
+                return True
+            seq, frame = RAW, data[sent:]
+        self.direct = False  # queued bytes go first: the client's greenlet writes them
         self._items.append((seq, frame))
         self._bytes += len(frame)
         if self._bytes > self._limit:
@@ -47,6 +96,10 @@ class Subscriber:
             return False
         self._wakeup.set()
         return True
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._items)
 
     def take(self, timeout: float) -> list[tuple[int, bytes]]:
         """Everything queued, waiting up to `timeout` s for something; [] on timeout."""
@@ -68,6 +121,7 @@ class Subscriber:
         if self.closed:
             return
         self.closed = reason
+        self.direct = False
         self._items.clear()
         self._bytes = 0
         self._wakeup.set()
