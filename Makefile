@@ -34,7 +34,7 @@ e2e: deps
 	eval "$$(scripts/test-env.sh)" && $(BIN)/pytest tests/e2e
 
 bench: deps
-	$(BIN)/python -m tests.load.bench
+	$(BIN)/python -m tests.load.bench $(BENCH_ARGS)
 
 # Local stand-ins for the official base images (no registry needed).
 images:

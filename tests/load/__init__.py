@@ -1,0 +1,1 @@
+"""The load tool (`make bench`, `python -m tests.load.bench`) and its smoke test."""

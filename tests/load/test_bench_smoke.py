@@ -1,0 +1,100 @@
+"""The load tool runs end to end at small sizes: correctness only, never speed.
+
+`python -m tests.load.bench --quick` starts its own Redis, services and nginx,
+runs every scenario on both paths with a few dozen clients, and must exit 0
+with every subscriber having got every event exactly once, in order, and a
+JSON report with every scenario's figures. The figures themselves are not
+judged here: they depend on the machine (see docs/benchmark.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.load.stack import find_nginx
+from tests.support.docker import REDIS_IMAGE, in_ci, require_docker
+from tests.support.services import ROOT
+
+DELIVERY_KEYS = {
+    "streams",
+    "events_each",
+    "expected_deliveries",
+    "received",
+    "errors",
+    "complete",
+    "latency_ms",
+    "stream_cpu_us_per_delivery",
+    "deliveries_per_s",
+}
+PUBLISH_KEYS = {"requests", "statuses", "complete", "requests_per_s", "events_per_s", "latency_ms"}
+PUBLISH_KEYS |= {"publisher_cpu_us_per_request"}
+
+
+def assert_delivered(name: str, result: dict[str, Any]) -> None:
+    assert result.keys() >= DELIVERY_KEYS, f"{name}: missing {DELIVERY_KEYS - result.keys()}"
+    assert result["received"] == result["expected_deliveries"] > 0, name
+    assert result["errors"] == 0, f"{name}: gaps, duplicates or disorder"
+    assert result["complete_streams"] == result["streams"], name
+    assert result["complete"] is True, name
+
+
+def test_quick_bench_delivers_every_event_in_order(tmp_path: Path) -> None:
+    if find_nginx() is None and not in_ci():
+        pytest.skip("the bench needs nginx: sudo apt-get install -y nginx (in CI the bench installs it)")
+    if not os.environ.get("REDIS_URL"):
+        require_docker("the bench smoke test")
+    out = tmp_path / "bench.json"
+    # The same Redis image as the integration tests (pinned, or the local stand-in).
+    env = {**os.environ, "HERALD_TEST_REDIS_IMAGE": REDIS_IMAGE}
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.load.bench", "--quick", "--json", str(out), "--max-seconds", "90"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+    )
+    output = f"stdout:\n{run.stdout[-4000:]}\nstderr:\n{run.stderr[-4000:]}"
+    assert run.returncode == 0, output
+    report = json.loads(out.read_text())
+    assert report["ok"] is True, output
+    assert report["errors"] == {}, output
+    results = report["results"]
+
+    idle = results["idle"]
+    assert idle["live"] == idle["held_by_worker"] == idle["connections"] == 50
+    assert {"rss_kb_per_connection", "idle_cpu_percent"} <= idle.keys()
+
+    assert set(results["fanout"]) == {"direct", "nginx"}
+    for path, result in results["fanout"].items():
+        assert_delivered(f"fanout/{path}", result)
+        assert result["streams"] == 50 and result["events_each"] == 20
+
+    assert set(results["publish"]) == {"direct", "nginx"}
+    for path, result in results["publish"].items():
+        for kind in ("single", "batched"):
+            figures = result[kind]
+            assert figures.keys() >= PUBLISH_KEYS, f"publish/{path}/{kind}"
+            assert figures["statuses"] == {"202": figures["requests"]}, f"publish/{path}/{kind}"
+            assert figures["stored_events"] >= figures["events"], f"publish/{path}/{kind}"
+        assert result["single"]["requests"] == 200
+
+    assert_delivered("many-channels", results["many-channels"])
+
+    assert set(results["scaling"]) == {"50", "100", "200"}
+    for size, result in results["scaling"].items():
+        assert_delivered(f"scaling/{size}", result)
+
+    names = {t["name"] for t in report["targets"]}
+    assert {"delivery", "idle RSS", "fan-out CPU flat", "publishes/s (nginx)"} <= names
+    assert all(t["status"] in {"PASS", "MISS", "n/a"} for t in report["targets"])
+    delivery = next(t for t in report["targets"] if t["name"] == "delivery")
+    assert delivery["status"] == "PASS"
