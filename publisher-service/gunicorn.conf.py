@@ -28,7 +28,9 @@ preload_app = False
 control_socket_disable = True
 
 # JSON log lines (with the request id) for gunicorn and the app.
-logconfig_dict = __import__("publisher.logs", fromlist=["log_config"]).log_config(loglevel)
+logconfig_dict = __import__("publisher.logs", fromlist=["log_config"]).log_config(
+    loglevel, accesslog is not None
+)
 
 
 def on_starting(server):  # type: ignore[no-untyped-def]

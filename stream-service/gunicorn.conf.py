@@ -3,6 +3,9 @@
 import os
 import tempfile
 
+# gevent's greenlet-tree tracking costs memory per stream and is only for debugging.
+os.environ.setdefault("GEVENT_TRACK_GREENLET_TREE", "false")
+
 # Before anything imports prometheus_client: every worker (forked later) then
 # keeps its metrics in this directory, and /metrics adds them up.
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="herald-metrics-"))
@@ -34,7 +37,9 @@ control_socket_disable = True
 
 
 # JSON log lines (with the request id) for gunicorn and the app.
-logconfig_dict = __import__("stream.logs", fromlist=["log_config"]).log_config(loglevel)
+logconfig_dict = __import__("stream.logs", fromlist=["log_config"]).log_config(
+    loglevel, accesslog is not None
+)
 
 
 def on_starting(server):  # type: ignore[no-untyped-def]
@@ -59,7 +64,13 @@ def post_worker_init(worker):  # type: ignore[no-untyped-def]
     requests; SSE streams would hold it until graceful_timeout and then be cut.
     Ending them at once lets browsers reconnect (to another replica) right away.
     """
+    import gc
+
     import gevent
+
+    # Everything loaded so far lives as long as the worker: keep it out of the
+    # garbage collector's full passes, which otherwise pause every stream.
+    gc.freeze()
 
     def watch() -> None:
         while worker.alive:

@@ -18,8 +18,12 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-def log_config(level: str) -> dict[str, Any]:
-    """A logging.config dict: JSON lines on stderr for gunicorn's and our loggers."""
+def log_config(level: str, access_log: bool = False) -> dict[str, Any]:
+    """A logging.config dict: JSON lines on stderr for gunicorn's and our loggers.
+
+    gunicorn's access logger writes a line per request whenever a logging config
+    is given; it stays quiet unless `access_log` (nginx logs every request anyway).
+    """
     handler = {
         "class": "logging.StreamHandler",
         "formatter": "json",
@@ -41,7 +45,11 @@ def log_config(level: str) -> dict[str, Any]:
         "root": {"level": level.upper(), "handlers": ["json"]},
         "loggers": {
             "gunicorn.error": {"level": level.upper(), "handlers": ["json"], "propagate": False},
-            "gunicorn.access": {"level": "INFO", "handlers": ["json"], "propagate": False},
+            "gunicorn.access": {
+                "level": "INFO" if access_log else "WARNING",
+                "handlers": ["json"],
+                "propagate": False,
+            },
         },
     }
 

@@ -238,7 +238,8 @@ class Streamer:
         sub.last = last
         sub.direct = True
         while True:
-            items = sub.take(self._wait(expires))
+            # Heartbeats come from the hub's timer while on the fast path.
+            items = sub.take(None if expires is None else self._wait(expires))
             if sub.closed:
                 return
             sub.direct = False  # this greenlet writes now; the hub queues meanwhile

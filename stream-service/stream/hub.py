@@ -79,6 +79,7 @@ class Hub:
         self._filling = False
         self._changed = Event()  # replaced on every change; waiters wait on the old one
         self._subs: dict[bytes, set[Subscriber]] = {}
+        self._all: set[Subscriber] = set()  # every attached client, for heartbeats
         self._pending: dict[bytes, int] = {}  # SUBSCRIBE commands not yet confirmed
         self._active: set[bytes] = set()  # confirmed, and history filled
         self.epoch: str | None = None
@@ -97,6 +98,7 @@ class Hub:
         if self._greenlet is None:
             self._send_lock = Semaphore()
             self._greenlet = gevent.spawn(self._run)
+            gevent.spawn(self._heartbeats)
 
     def shutdown(self) -> None:
         """End every stream cleanly (the worker is stopping) and stop reading."""
@@ -146,6 +148,7 @@ class Hub:
                 new.append(key)
             subs.add(sub)
         self.clients += 1
+        self._all.add(sub)
         start = Position(self.epoch, self.position)
         to_send = [k for k in new if k not in self._pending]
         if to_send:
@@ -161,6 +164,7 @@ class Hub:
     def detach(self, sub: Subscriber) -> None:
         """Forget `sub`; unsubscribe channels it was the last local client of."""
         self.clients -= 1
+        self._all.discard(sub)
         metrics.CLIENTS.dec()
         gone = []
         for channel in sub.channels:
@@ -177,6 +181,19 @@ class Hub:
                 # A channel still pending is unsubscribed when its confirmation arrives.
         if gone:
             self._send_quietly("UNSUBSCRIBE", *gone)
+
+    def _heartbeats(self) -> None:
+        """One timer for the worker: a comment to every idle live client per interval.
+
+        Clients on the fast path sleep without a timeout of their own, which
+        saves a timer per stream and per wait; busy clients need no heartbeat.
+        """
+        plain = sse.comment(b"hb")
+        framed = chunk(plain)
+        while not self._stopping:
+            gevent.sleep(self._config.heartbeat_seconds)
+            for sub in list(self._all):
+                sub.beat(framed, plain)
 
     # -- the reader greenlet ------------------------------------------------
 

@@ -76,33 +76,48 @@ class Subscriber:
         if self.closed:
             return True  # already ending; nothing more to count
         if self.direct and seq > self.last:
-            data = (framed or chunk(frame)) if self.chunked else frame
-            try:
-                sent = self.sock.send(data)  # type: ignore[union-attr]
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self.close("gone")
-                return True
             self.last = seq
-            if sent == len(data):
+            rest = self._send((framed or chunk(frame)) if self.chunked else frame)
+            if not rest:
                 return True
-            seq, frame = RAW, data[sent:]
+            seq, frame = RAW, rest
+        return self._queue(seq, frame)
+
+    def beat(self, framed: bytes, plain: bytes) -> None:
+        """A heartbeat for an idle live client, written like a direct event."""
+        if self.direct and not self.closed:
+            rest = self._send(framed if self.chunked else plain)
+            if rest:
+                self._queue(RAW, rest)
+
+    def _send(self, data: bytes) -> bytes:
+        """Write what the socket takes now, without waiting; return the rest."""
+        try:
+            sent = self.sock.send(data)  # type: ignore[union-attr]
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.close("gone")
+            return b""
+        return data[sent:]
+
+    def _queue(self, seq: int, frame: bytes) -> bool:
         self.direct = False  # queued bytes go first: the client's greenlet writes them
         self._items.append((seq, frame))
         self._bytes += len(frame)
         if self._bytes > self._limit:
             self.close("slow", cut=True)
             return False
-        self._wakeup.set()
+        if len(self._items) == 1:
+            self._wakeup.set()  # the greenlet waits only when the queue is empty
         return True
 
     @property
     def pending(self) -> bool:
         return bool(self._items)
 
-    def take(self, timeout: float) -> list[tuple[int, bytes]]:
-        """Everything queued, waiting up to `timeout` s for something; [] on timeout."""
+    def take(self, timeout: float | None) -> list[tuple[int, bytes]]:
+        """Everything queued, waiting up to `timeout` s (None: no limit); [] on timeout."""
         if not self._items and not self.closed:
             self._wakeup.clear()
             self._wakeup.wait(timeout)
