@@ -159,6 +159,16 @@ def create_app(config: Config | None = None) -> Flask:
                 "idempotency_key_reused",
                 "this Idempotency-Key was used with a different request",
             )
+        except redis.TimeoutError as exc:
+            # The script may have run after all (a frozen Redis resumes it later).
+            log.error("publish timed out, outcome unknown: %s", exc)
+            return error(
+                503,
+                "redis_timeout",
+                "Redis did not answer in time: the events may have been stored; "
+                "retry with the same Idempotency-Key to publish them exactly once",
+                unavailable,
+            )
         except redis.RedisError as exc:
             log.error("publish failed, Redis unavailable: %s", exc)
             return error(

@@ -163,6 +163,19 @@ class Stack:
         result: list[str] = wait_until(ready, timeout, f"{count} healthy {service} container(s)", 0.25)
         return result
 
+    def internal_get(self, container: str, path: str, timeout: float = 30) -> str:
+        """GET an internal endpoint of a service (/metrics, /stats: nginx does not
+        route them) from inside its container, with the image's own Python."""
+        code = (
+            "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
+            "'http://127.0.0.1:8000' + sys.argv[1], timeout=5).read().decode())"
+        )
+        return self.docker("exec", container, "python3", "-c", code, path, timeout=timeout)
+
+    def redis_cli(self, *args: str, timeout: float = 30) -> str:
+        """Run redis-cli inside this project's Redis container; its raw output."""
+        return self.docker("exec", self.containers("redis")[0], "redis-cli", *args, timeout=timeout)
+
     def nginx_log(self) -> list[str]:
         result = self.compose("logs", "--no-color", "--no-log-prefix", "nginx", timeout=60)
         return result.stdout.splitlines()

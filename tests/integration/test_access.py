@@ -9,6 +9,7 @@ from collections.abc import Callable
 from functools import partial
 
 import jwt
+import redis
 import requests
 
 from tests.conftest import post_events
@@ -178,3 +179,31 @@ def test_logs_are_json_lines_with_the_request_id(start: Callable[..., Service], 
     lines = [json.loads(line) for line in pub.log().splitlines() if line.startswith("{")]
     assert lines and all({"time", "level", "logger", "message"} <= set(line) for line in lines)
     assert "secret-token-value" not in pub.log()
+
+
+def test_a_timed_out_publish_is_retried_exactly_once_with_its_idempotency_key(
+    start: Callable[..., Service], stream: Service, redis_client: redis.Redis, channel: str
+) -> None:
+    pub = start("publisher", REDIS_TIMEOUT_MS="500")
+    client = open_stream(stream.url, [channel])
+    try:
+        key = {"Idempotency-Key": uuid.uuid4().hex}
+        # Redis freezes: the publisher cannot know whether its script ran.
+        redis_client.execute_command("CLIENT", "PAUSE", "2000", "ALL")
+        first = post_events(pub.url, {"channel": channel, "data": "once"}, headers=key)
+        assert first.status_code == 503 and first.json()["error"] == "redis_timeout"
+        assert int(first.headers["Retry-After"]) >= 1
+        # Whether or not the script ran, retrying with the same key publishes it once.
+        deadline = time.monotonic() + 10
+        while (
+            retry := post_events(pub.url, {"channel": channel, "data": "once"}, headers=key)
+        ).status_code == 503:
+            assert time.monotonic() < deadline, retry.text
+            time.sleep(0.2)
+        assert retry.status_code == 202, retry.text
+        (event,) = client.wait_events(1, timeout=10)
+        assert retry.json()["id"] == event.id and event.data == '"once"'
+        assert not client.wait_for(lambda: len(client.events) > 1, timeout=1)
+        assert redis_client.xlen(f"herald:stream:{channel}") == 1
+    finally:
+        client.close()
