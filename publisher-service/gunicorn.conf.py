@@ -31,6 +31,8 @@ control_socket_disable = True
 logconfig_dict = __import__("publisher.logs", fromlist=["log_config"]).log_config(
     loglevel, accesslog is not None
 )
+# ...and no per-request work for an access log that is off.
+logger_class = "publisher.logs.GunicornLogger"
 
 
 def on_starting(server):  # type: ignore[no-untyped-def]
