@@ -88,7 +88,6 @@ class Hub:
         # Bytes dispatched since the hub last let clients run; see _yield_if_busy.
         self._burst = 0
         self._burst_limit = max(config.client_buffer_bytes // 4, 1)
-        self.clients = 0
         self.stats = {"delivered": 0, "dropped_slow": 0, "reconnects": 0, "resets": 0, "resumes": 0}
 
     # -- life cycle -------------------------------------------------------
@@ -103,9 +102,14 @@ class Hub:
     def shutdown(self) -> None:
         """End every stream cleanly (the worker is stopping) and stop reading."""
         self._stopping = True
-        for sub in {s for subs in self._subs.values() for s in subs}:
+        for sub in set(self._all):
             sub.close("shutdown")
         self._broadcast()
+
+    @property
+    def clients(self) -> int:
+        """Streams attached to this worker."""
+        return len(self._all)
 
     @property
     def connected(self) -> bool:
@@ -147,7 +151,6 @@ class Hub:
                 subs = self._subs[key] = set()
                 new.append(key)
             subs.add(sub)
-        self.clients += 1
         self._all.add(sub)
         start = Position(self.epoch, self.position)
         to_send = [k for k in new if k not in self._pending]
@@ -163,7 +166,6 @@ class Hub:
 
     def detach(self, sub: Subscriber) -> None:
         """Forget `sub`; unsubscribe channels it was the last local client of."""
-        self.clients -= 1
         self._all.discard(sub)
         metrics.CLIENTS.dec()
         gone = []
@@ -394,7 +396,7 @@ class Hub:
 
     def _reset_all(self, reason: str, position: Position) -> None:
         frame = reset_frame(reason, position)
-        subs = {s for subs in self._subs.values() for s in subs}
+        subs = set(self._all)
         for sub in subs:
             sub.push(CONTROL, frame)
         self.stats["resets"] += len(subs)
