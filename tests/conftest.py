@@ -17,9 +17,16 @@ from typing import Any
 import pytest
 import redis
 import requests
+from hypothesis import settings as hypothesis_settings
 
-from tests.support.docker import REDIS_IMAGE, require_docker
+from tests.support.docker import REDIS_IMAGE, in_ci, require_docker
 from tests.support.services import Service, start_service
+
+# Property-based tests explore new examples on every developer run; CI runs the
+# same fixed set every time (same budget), so a red CI is never a dice roll.
+hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+if in_ci():
+    hypothesis_settings.load_profile("ci")
 
 
 @pytest.fixture(scope="session")
