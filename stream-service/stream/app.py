@@ -135,9 +135,9 @@ class Streamer:
             # fast path, see Subscriber); gunicorn chunks HTTP/1.1 responses.
             sub.sock = getattr(sock, "_sock", None)
             sub.chunked = request.environ.get("SERVER_PROTOCOL") == "HTTP/1.1"
-        start, new_channels = self._hub.attach(sub)
+        start, not_live = self._hub.attach(sub)
         try:
-            head, replay, floor, epoch = self._catch_up(sub, start, last, new_channels)
+            head, replay, floor, epoch = self._catch_up(sub, start, last, not_live)
         except redis.RedisError as exc:
             self._hub.detach(sub)
             raise Unavailable(f"history could not be read: {exc}") from exc
@@ -145,7 +145,7 @@ class Streamer:
         return self._body(sub, head, replay, (epoch, floor), watcher, sock, expires)
 
     def _catch_up(
-        self, sub: Subscriber, start: Position, last: Position | None, new_channels: bool
+        self, sub: Subscriber, start: Position, last: Position | None, not_live: bool
     ) -> tuple[bytes, list[bytes], int, bytes]:
         """The first frame, the replayed frames, and the position (seq, epoch) they reach."""
         channels = list(sub.channels)
@@ -153,7 +153,7 @@ class Streamer:
             # A fresh stream starts at the hub's position. The id-only frame lets the
             # browser resume from there even if the stream drops before any event.
             head, after, check = sse.position(str(start).encode()), start, False
-            if not new_channels:
+            if not not_live:
                 return head, [], start.seq, start.epoch.encode()
         else:
             head, after, check = b"", last, True

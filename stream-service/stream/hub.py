@@ -82,6 +82,10 @@ class Hub:
         self._all: set[Subscriber] = set()  # every attached client, for heartbeats
         self._pending: dict[bytes, int] = {}  # SUBSCRIBE commands not yet confirmed
         self._active: set[bytes] = set()  # confirmed, and history filled
+        # Active, but no event dispatched since: events published between the
+        # hub's position and the moment Redis ran the SUBSCRIBE were never
+        # dispatched, so a client starting now must read them from history.
+        self._fresh: set[bytes] = set()
         self.epoch: str | None = None
         self._epoch_b = b""
         self.position = 0  # the last sequence number dispatched
@@ -133,8 +137,8 @@ class Hub:
         """Register `sub` and wait until all its channels are live.
 
         Returns the position from which the hub delivers to it, and whether any
-        of its channels had to be newly subscribed (events published on those
-        before the subscription took effect must come from history).
+        of its channels was not live yet (events published on those before the
+        subscription took effect must come from history).
         """
         if self._stopping:
             raise Unavailable("the worker is shutting down")
@@ -144,6 +148,10 @@ class Hub:
             raise Unavailable("Redis is not reachable")
         assert self.epoch is not None
         keys = [LIVE_PREFIX + c.encode() for c in sub.channels]
+        # Not live yet (new here, awaiting another client's SUBSCRIBE, or live so
+        # recently that the hub's position may lag behind the subscription):
+        # what lies between the position and the live events comes from history.
+        not_live = any(key not in self._active or key in self._fresh for key in keys)
         new = []
         for key in keys:
             subs = self._subs.get(key)
@@ -162,7 +170,7 @@ class Hub:
         if not self._wait(lambda: all(k in self._active for k in keys), deadline):
             self.detach(sub)
             raise Unavailable("the subscription did not take effect in time")
-        return start, bool(new)
+        return start, not_live
 
     def detach(self, sub: Subscriber) -> None:
         """Forget `sub`; unsubscribe channels it was the last local client of."""
@@ -321,6 +329,7 @@ class Hub:
         conn, self._conn = self._conn, None
         self._filling = False
         self._active.clear()
+        self._fresh.clear()
         self._pending.clear()
         if conn is not None:
             conn.disconnect()
@@ -342,6 +351,7 @@ class Hub:
             self._send_quietly("UNSUBSCRIBE", key)  # its last client left while pending
         elif not self._filling:
             self._active.add(key)
+            self._fresh.add(key)
             self._broadcast()
 
     def _on_message(self, channel: bytes, payload: bytes) -> None:
@@ -368,6 +378,8 @@ class Hub:
 
     def _dispatch(self, channel: bytes, seq: int, frame: bytes) -> None:
         self.position = seq
+        if self._fresh:
+            self._fresh.clear()  # the position is now past every subscription made so far
         subs = self._subs.get(channel)
         if not subs:
             return

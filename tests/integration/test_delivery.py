@@ -188,3 +188,42 @@ def test_stop_ends_streams_cleanly_and_quickly(start: Callable[..., Service], ch
     # ...and the worker does not sit out its graceful timeout.
     service.process.wait(15)
     assert time.monotonic() - began < 10
+
+
+def test_streams_opened_while_publishing_get_everything_after_their_position(
+    start: Callable[..., Service], publish: Callable[..., str], channel: str
+) -> None:
+    # Many clients open the same new channel at once while events flow: each
+    # must get exactly the events after the position its stream started at,
+    # also those published before Redis confirmed the channel's subscription.
+    service = start("stream", HEARTBEAT_SECONDS="1")
+    sent: list[str] = []
+    done = threading.Event()
+
+    def publish_steadily() -> None:
+        for i in range(150):
+            sent.append(publish(channel, i))
+        done.set()
+
+    publisher_thread = threading.Thread(target=publish_steadily)
+    publisher_thread.start()
+    clients: list[SSEClient] = []
+    openers = [
+        threading.Thread(target=lambda: clients.append(open_stream(service.url, [channel])))
+        for _ in range(30)
+    ]
+    try:
+        for opener in openers:
+            opener.start()
+        for opener in openers:
+            opener.join(30)
+        publisher_thread.join(60)
+        assert done.is_set() and len(clients) == 30
+        for client in clients:
+            position = int(client.raw.split(b"\nid: ", 1)[1].split(b"\n", 1)[0].rsplit(b"-", 1)[1])
+            expected = [i for i in sent if int(i.rsplit("-", 1)[1]) > position]
+            client.wait_events(len(expected), timeout=30)
+            assert_exactly_once_in_order(client, expected)
+    finally:
+        for client in clients:
+            client.close()
