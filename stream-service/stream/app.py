@@ -157,13 +157,11 @@ class Streamer:
                 return head, [], start.seq, start.epoch.encode()
         else:
             head, after, check = b"", last, True
-            self._hub.stats["resumes"] += 1
-            metrics.RESUMES.inc()
+            self._hub.note_resume()
         replay = self._history.read(channels, after, check=check)
         epoch = replay.epoch.encode()
         if replay.reset:
-            self._hub.stats["resets"] += 1
-            metrics.RESETS.labels(replay.reset).inc()
+            self._hub.note_resets(replay.reset)
             continue_at = Position(replay.epoch, replay.seq)
             return reset_frame(replay.reset, continue_at), [], replay.seq, epoch
         frames = [event_frame(epoch, str(e.seq).encode(), e.event, e.data) for e in replay.events]

@@ -131,6 +131,16 @@ class Hub:
             **self.stats,
         }
 
+    def note_resume(self) -> None:
+        """Count a stream opened with a last event id (for /stats and /metrics)."""
+        self.stats["resumes"] += 1
+        metrics.RESUMES.inc()
+
+    def note_resets(self, reason: str, count: int = 1) -> None:
+        """Count reset events sent to clients (for /stats and /metrics)."""
+        self.stats["resets"] += count
+        metrics.RESETS.labels(reason).inc(count)
+
     # -- clients ----------------------------------------------------------
 
     def attach(self, sub: Subscriber) -> tuple[Position, bool]:
@@ -411,8 +421,7 @@ class Hub:
         subs = set(self._all)
         for sub in subs:
             sub.push(CONTROL, frame)
-        self.stats["resets"] += len(subs)
-        metrics.RESETS.labels(reason).inc(len(subs))
+        self.note_resets(reason, len(subs))
         log.warning("epoch changed to %s: %d clients told to reset", position.epoch, len(subs))
 
     # -- helpers -----------------------------------------------------------
