@@ -1,10 +1,16 @@
-"""Herald's load tool: `make bench` or `python -m tests.load.bench [--quick] [--scenario NAME]...`.
+"""Herald's load tool: `make bench` or `python -m tests.load.bench [--mode compose|direct] [--quick]...`.
 
-Starts its own stack on loopback (Redis from a local Docker image or REDIS_URL,
-the publisher, ONE stream worker, nginx), runs bounded scenarios against it,
-prints a table of figures next to the targets, and writes them all to
-bench-results/<timestamp>.json. Correctness (every subscriber got every event
-exactly once, in order) decides the exit code; speed never does, unless
+Compose mode (the default) measures the stack users run: it brings up
+compose.yaml under its own project name (tests.load.compose) and drives it
+through nginx two ways, via Docker's userland proxy on the published port and
+from inside nginx's network namespace, with CPU per container from cgroup
+accounting. Direct mode starts its own processes on loopback (Redis from a
+local Docker image or REDIS_URL, the publisher, ONE stream worker, nginx;
+tests.load.stack) and measures the stream worker alone, directly and through
+nginx. Both run the same bounded scenarios (Bench, over a BenchStack), print a
+table of figures next to the targets (tests.load.report), and write everything
+to bench-results/<timestamp>.json. Correctness (every subscriber got every
+event exactly once, in order) decides the exit code; speed never does, unless
 --fail-on-miss is given. See docs/benchmark.md.
 """
 
@@ -15,6 +21,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import functools
 import itertools
 import json
 import os
@@ -35,11 +42,22 @@ from typing import Any
 import redis
 
 from tests.load.client import ClientPool, HttpConnection
+from tests.load.compose import start_compose
 from tests.load.profile import Recording, find_py_spy
-from tests.load.stack import Stack, cpu_seconds, machine_busy_seconds, raise_nofile, rss_kb, start_stack
+from tests.load.report import (
+    compose_rows,
+    delivery_items,
+    evaluate,
+    evaluate_compose,
+    format_table,
+    rows,
+)
+from tests.load.stack import BenchStack, Route, cpu_seconds, machine_busy_seconds, raise_nofile, start_stack
 from tests.support.services import ROOT
 
 SCENARIOS = ("idle", "fanout", "publish", "many-channels", "scaling")
+COMPOSE_SCENARIOS = ("idle", "fanout", "publish")
+COMPOSE_PATHS = ("proxy", "netns")
 
 
 @dataclass(frozen=True)
@@ -79,19 +97,6 @@ QUICK = Sizes(
     scaling=(50, 100, 200),
 )
 
-# The issue's targets for this machine (2 cores, load tool on the same host, one stream worker).
-TARGET_RSS_KB = 20.0
-TARGET_IDLE_HELD = 10000
-TARGET_FANOUT_CPU_US = 15.0
-TARGET_FLAT_RATIO = 1.2  # 2k and 4k within +20% of the 1k figure
-TARGET_P99_MS = 30.0
-TARGET_PUBLISHES_PER_S = 5000.0
-TARGET_PUBLISH_CPU_US = 150.0
-TARGET_BATCH_EVENTS_PER_S = 50000.0
-# Above this many events per client read the stream worker was behind and batched its
-# writes: its CPU per delivery is then lower than that of a worker that keeps up.
-BATCHED_EVENTS_PER_READ = 1.1
-
 
 def percentiles(values: Sequence[float]) -> dict[str, float]:
     """p50, p95, p99 and max, in milliseconds (nearest rank)."""
@@ -119,13 +124,46 @@ def by_tenth(latencies: Sequence[float], indexes: Sequence[int], events: int) ->
     return [percentiles(t) for t in tenths if t]
 
 
+@dataclass(frozen=True)
+class Usage:
+    """CPU seconds used so far by component (the stack's, "clients", "bench") and by the whole machine."""
+
+    cpu: dict[str, float]
+    busy: float
+    wall: float
+
+    def since(self, before: Usage) -> tuple[dict[str, float], float]:
+        """CPU seconds used by component since `before`, and the share of the machine others used."""
+        spent = {name: value - before.cpu.get(name, 0.0) for name, value in self.cpu.items()}
+        others = others_share(self.busy - before.busy, sum(spent.values()), self.wall - before.wall)
+        return spent, others
+
+
+def cpu_figures(spent: dict[str, float], count: int, unit: str, counted: tuple[str, ...]) -> dict[str, Any]:
+    """CPU per unit of work in µs by component, and summed over the components a target counts."""
+    per = {name: 1e6 * value / max(count, 1) for name, value in spent.items()}
+    return {
+        "cpu_s": spent,
+        f"cpu_us_per_{unit}": per,
+        f"server_cpu_us_per_{unit}": sum(per[name] for name in counted),
+        "counted": list(counted),
+    }
+
+
 class ScenarioFailed(Exception):
     pass
 
 
 class Bench:
+    """The scenarios, run against any stack (BenchStack) on the routes it offers."""
+
     def __init__(
-        self, stack: Stack, pool: ClientPool, sizes: Sizes, profile_dir: Path | None, native: bool = False
+        self,
+        stack: BenchStack,
+        pool: ClientPool,
+        sizes: Sizes,
+        profile_dir: Path | None,
+        native: bool = False,
     ) -> None:
         self.native = native
         self.stack = stack
@@ -133,18 +171,10 @@ class Bench:
         self.sizes = sizes
         self.run_id = secrets.token_hex(3)
         self.profile_dir = profile_dir
-        self.stats_conn = HttpConnection(stack.stream.port)
-        self.publisher_workers = stack.publisher_workers()
-        self.stream_workers = stack.stream_workers()
-        self.redis_pids = stack.redis.pids()
+        host, port = stack.stats
+        self.stats_conn = HttpConnection(port, host=host)
 
     # -- helpers -------------------------------------------------------------
-
-    def ports(self, path: str) -> tuple[int, int]:
-        """(stream port, publish port) for `direct` or `nginx`."""
-        if path == "nginx":
-            return self.stack.nginx.port, self.stack.nginx.port
-        return self.stack.stream.port, self.stack.publisher.port
 
     async def stats(self) -> dict[str, Any]:
         status, body = await self.stats_conn.get("/stats")
@@ -163,16 +193,14 @@ class Bench:
             await asyncio.sleep(0.1)
         return clients
 
-    async def open_streams(self, port: int, paths: list[str]) -> dict[str, Any]:
+    async def open_streams(self, route: Route, paths: list[str]) -> dict[str, Any]:
         """Open the streams over the client processes; wait until each is live (or failed)."""
         count = len(self.pool.pipes)
         shares = [paths[i::count] for i in range(count)]
         timeout = 30 + len(paths) / 250
+        command = {"op": "open", "address": route.stream, "netns": route.netns}
         answers = await self.pool.call(
-            [
-                {"op": "open", "port": port, "paths": share, "concurrency": 100, "timeout": timeout}
-                for share in shares
-            ],
+            [{**command, "paths": share, "concurrency": 100, "timeout": timeout} for share in shares],
             timeout + 10,
         )
         failures: Counter[str] = Counter()
@@ -190,17 +218,29 @@ class Bench:
         await self.pool.broadcast({"op": "close", "timeout": 10}, 30)
         return await self.wait_clients(0)
 
-    def cpu(self, pids: list[int]) -> float:
-        return cpu_seconds(pids)
+    def usage(self) -> Usage:
+        cpu = self.stack.cpu()
+        cpu["clients"] = cpu_seconds(self.pool.pids)
+        cpu["bench"] = cpu_seconds([os.getpid()])
+        return Usage(cpu, machine_busy_seconds(), time.time())
 
-    def nginx_cpu(self) -> float:
-        return cpu_seconds(self.stack.nginx.worker_pids())
+    async def profile(self, name: str | None, service: str, seconds: float) -> Recording | None:
+        """Start py-spy on the service's first worker when --profile was given."""
+        binary = find_py_spy()
+        pids = self.stack.worker_pids(service)
+        if name is None or self.profile_dir is None or not binary or not pids:
+            return None
+        out = self.profile_dir / f"{name}.txt"
+        recording = Recording(binary, pids[0], seconds, out, native=self.native)
+        await asyncio.sleep(0.5)  # py-spy attaches
+        return recording
 
     async def publish_paced(
-        self, port: int, count: int, rate: float, body: Callable[[int], bytes]
+        self, route: Route, count: int, rate: float, body: Callable[[int], bytes]
     ) -> dict[str, Any]:
         """Publish `count` requests one after another on one connection, `rate` per second."""
-        conn = HttpConnection(port)
+        host, port = route.publish
+        conn = HttpConnection(port, host=host, netns=route.netns)
         loop = asyncio.get_running_loop()
         statuses: Counter[int] = Counter()
         latencies: list[float] = []
@@ -229,20 +269,9 @@ class Bench:
             "sent_late": late,
         }
 
-    async def deliver(
-        self,
-        *,
-        name: str,
-        path: str,
-        paths: list[str],
-        events_each: int,
-        publish: Callable[[], Awaitable[Any]],
-        publish_seconds: float,
-        profile: str | None = None,
-    ) -> dict[str, Any]:
-        """Open streams, publish, collect: delivery, latency and CPU figures."""
-        stream_port, _ = self.ports(path)
-        opened = await self.open_streams(stream_port, paths)
+    async def open_all(self, name: str, route: Route, paths: list[str]) -> dict[str, Any]:
+        """Open the streams and check that the stream worker holds every one of them."""
+        opened = await self.open_streams(route, paths)
         if opened["live"] != len(paths):
             await self.close_streams()
             raise ScenarioFailed(f"{name}: only {opened['live']} of {len(paths)} streams opened: {opened}")
@@ -250,146 +279,105 @@ class Bench:
         if seen != len(paths):
             await self.close_streams()
             raise ScenarioFailed(f"{name}: the stream worker counts {seen} clients, expected {len(paths)}")
+        return opened
+
+    async def deliver(
+        self,
+        *,
+        name: str,
+        route: Route,
+        paths: list[str],
+        events_each: int,
+        publish: Callable[[], Awaitable[Any]],
+        publish_seconds: float,
+        profile: str | None = None,
+    ) -> dict[str, Any]:
+        """Open streams, publish, collect: delivery, latency and CPU figures."""
+        opened = await self.open_all(name, route, paths)
         await self.pool.broadcast({"op": "expect", "count": events_each}, 30)
-        recording = None
-        if profile and self.profile_dir is not None:
-            binary = find_py_spy()
-            if binary:
-                out = self.profile_dir / f"{profile}.txt"
-                recording = Recording(
-                    binary, self.stream_workers[0], publish_seconds + 1, out, native=self.native
-                )
-                await asyncio.sleep(0.5)  # py-spy attaches
-        before = await self.stats()
-        stream0, nginx0, client0 = self.cpu(self.stream_workers), self.nginx_cpu(), self.cpu(self.pool.pids)
-        redis0, publisher0 = self.cpu(self.redis_pids), self.cpu(self.publisher_workers)
-        busy0, own0 = machine_busy_seconds(), self.cpu([os.getpid()])
-        wall0 = time.time()
+        recording = await self.profile(profile, "stream", publish_seconds + 1)
+        stats0 = await self.stats()
+        before = self.usage()
         published = await publish()
         # A worker that falls behind still delivers everything, late: wait for it, within bounds.
         patience = 20 + publish_seconds + len(paths) * events_each / 10000
         answers = await self.pool.broadcast({"op": "collect", "timeout": patience}, patience + 30)
-        wall1 = time.time()
-        stream1, nginx1, client1 = self.cpu(self.stream_workers), self.nginx_cpu(), self.cpu(self.pool.pids)
-        redis1, publisher1 = self.cpu(self.redis_pids), self.cpu(self.publisher_workers)
-        busy1, own1 = machine_busy_seconds(), self.cpu([os.getpid()])
-        after = await self.stats()
+        after = self.usage()
+        stats1 = await self.stats()
         profile_summary = recording.finish() if recording else None
-        latencies: array[float] = array("d")
-        indexes: array[int] = array("i")
-        for answer in answers:
-            latencies.frombytes(answer["latencies"])
-            indexes.frombytes(answer["indexes"])
-        received = sum(int(a["received"]) for a in answers)
-        expected = len(paths) * events_each
-        complete = sum(int(a["complete"]) for a in answers)
-        last = max((float(a["last_event_at"]) for a in answers), default=0.0) or wall1
-        span = max(last - wall0, 1e-9)
-        stream_cpu = stream1 - stream0
-        ours = (
-            stream_cpu
-            + (nginx1 - nginx0)
-            + (client1 - client0)
-            + (redis1 - redis0)
-            + (publisher1 - publisher0)
-            + (own1 - own0)
-        )
-        delivered = int(after["delivered"]) - int(before["delivered"])
         closed = await self.close_streams()
-        result = {
-            "streams": len(paths),
-            "events_each": events_each,
-            "expected_deliveries": expected,
-            "received": received,
-            "complete_streams": complete,
-            "events_per_read": received / max(sum(int(a["reads"]) for a in answers), 1),
-            "errors": sum(int(a["errors"]) for a in answers),
-            "closed_early": sum(int(a["closed_early"]) for a in answers),
-            "complete": complete == len(paths) and received == expected,
-            "hub_delivered": delivered,
-            "dropped_slow": int(after["dropped_slow"]) - int(before["dropped_slow"]),
-            "latency_ms": percentiles(latencies),
-            "latency_ms_by_tenth": by_tenth(latencies, indexes, events_each),
-            "seconds": span,
-            "deliveries_per_s": received / span,
-            "stream_cpu_s": stream_cpu,
-            "stream_cpu_us_per_delivery": 1e6 * stream_cpu / max(received, 1),
-            "stream_cpu_share": stream_cpu / span,
-            "nginx_cpu_s": nginx1 - nginx0 if path == "nginx" else 0.0,
-            "client_cpu_s": client1 - client0,
-            "redis_cpu_s": redis1 - redis0,
-            "publisher_cpu_s": publisher1 - publisher0,
-            "others_cpu_share": others_share(busy1 - busy0, ours, wall1 - wall0),
-            "client_cpu_us_per_delivery": 1e6 * (client1 - client0) / max(received, 1),
-            "open": opened,
-            "publish": published,
-            "clients_after_close": closed,
-        }
+        result = delivery_figures(answers, len(paths), events_each, before, after, self.stack)
+        result.update(
+            hub_delivered=int(stats1["delivered"]) - int(stats0["delivered"]),
+            dropped_slow=int(stats1["dropped_slow"]) - int(stats0["dropped_slow"]),
+            open=opened,
+            publish=published,
+            clients_after_close=closed,
+        )
         if profile_summary is not None:
             result["profile"] = profile_summary
         return result
 
     # -- scenarios -------------------------------------------------------------
 
-    async def idle(self, connections: int) -> dict[str, Any]:
+    async def idle(self, route: Route, requested: int) -> dict[str, Any]:
+        """Memory and CPU of `requested` idle streams on one route (fewer if the route cannot hold them)."""
         s = self.sizes
-        worker = self.stream_workers[0]
-        channels = [f"bench.{self.run_id}.idle.{i % s.idle_channels}" for i in range(connections)]
+        limit = self.stack.stream_limit(route)
+        connections = min(requested, limit[0]) if limit else requested
+        channels = [
+            f"bench.{self.run_id}.idle.{route.name}.{i % s.idle_channels}" for i in range(connections)
+        ]
+        paths = [f"/stream?channel={c}" for c in channels]
         # Warm up the code paths (first request, first subscription) before the baseline.
-        warm = await self.open_streams(
-            self.stack.stream.port, [f"/stream?channel={c}" for c in channels[:20]]
-        )
+        warm = await self.open_streams(route, paths[:20])
         await self.close_streams()
         await asyncio.sleep(0.5)
-        rss0 = rss_kb(worker)
-        opened = await self.open_streams(self.stack.stream.port, [f"/stream?channel={c}" for c in channels])
+        rss0 = self.stack.rss_kb()
+        opened = await self.open_streams(route, paths)
         held = await self.wait_clients(opened["live"])
         await asyncio.sleep(1)
-        rss1 = rss_kb(worker)
-        cpu0, t0 = self.cpu([worker]), time.monotonic()
+        rss1 = self.stack.rss_kb()
+        workers = self.stack.worker_pids("stream")
+        before, worker0 = self.usage(), cpu_seconds(workers)
         await asyncio.sleep(s.idle_seconds)
-        cpu1, t1 = self.cpu([worker]), time.monotonic()
-        rss2 = rss_kb(worker)
+        after, worker1 = self.usage(), cpu_seconds(workers)
+        rss2 = self.stack.rss_kb()
         stats = await self.stats()
         closed = await self.close_streams()
         live = int(opened["live"])
-        peak = max(rss1, rss2)
         return {
             "connections": connections,
+            "requested_connections": requested,
+            "capped_by": limit[1] if limit and connections < requested else None,
             "channels": min(s.idle_channels, connections),
             "live": live,
             "held_by_worker": held,
             "complete": live == connections and held == connections,
             "failures": opened["failures"],
             "open_seconds": opened["open_seconds"],
-            "rss_kb_before": rss0,
-            "rss_kb_open": rss1,
-            "rss_kb_after_idle": rss2,
-            "rss_kb_per_connection": (peak - rss0) / max(live, 1),
-            "idle_seconds": t1 - t0,
-            "idle_cpu_s": cpu1 - cpu0,
-            "idle_cpu_percent": 100 * (cpu1 - cpu0) / (t1 - t0),
-            "idle_cpu_us_per_connection_second": 1e6 * (cpu1 - cpu0) / max(live, 1) / (t1 - t0),
-            "heartbeat_seconds": float(self.stack.stream.env.get("HEARTBEAT_SECONDS", "15")),
+            **idle_figures(self.stack, live, (rss0, rss1, rss2), before, after),
+            # The stream worker alone: heartbeats, without the container's healthchecks.
+            "stream_worker_cpu_percent": 100 * (worker1 - worker0) / max(after.wall - before.wall, 1e-9),
+            "heartbeat_seconds": self.stack.heartbeat_seconds,
             "hub_channels": stats["channels"],
             "warmup": warm["live"],
             "clients_after_close": closed,
         }
 
-    async def fanout(self, path: str, subscribers: int, profile: str | None = None) -> dict[str, Any]:
+    async def fanout(self, route: Route, subscribers: int, profile: str | None = None) -> dict[str, Any]:
         s = self.sizes
-        channel = f"bench.{self.run_id}.fan.{path}.{subscribers}"
-        _, publish_port = self.ports(path)
+        channel = f"bench.{self.run_id}.fan.{route.name}.{subscribers}"
 
         def body(i: int) -> bytes:
             return json.dumps({"channel": channel, "data": [i, time.time()]}).encode()
 
         async def publish() -> Any:
-            return await self.publish_paced(publish_port, s.fanout_events, s.fanout_rate, body)
+            return await self.publish_paced(route, s.fanout_events, s.fanout_rate, body)
 
         result = await self.deliver(
-            name=f"fanout {path} {subscribers}",
-            path=path,
+            name=f"fanout {route.name} {subscribers}",
+            route=route,
             paths=[f"/stream?channel={channel}"] * subscribers,
             events_each=s.fanout_events,
             publish=publish,
@@ -399,7 +387,7 @@ class Bench:
         result["rate_events_per_s"] = s.fanout_rate
         return result
 
-    async def many_channels(self) -> dict[str, Any]:
+    async def many_channels(self, route: Route) -> dict[str, Any]:
         s = self.sizes
         channels = [f"bench.{self.run_id}.ch.{i}" for i in range(s.channels)]
         blocks = [channels[i : i + s.batch_size] for i in range(0, len(channels), s.batch_size)]
@@ -412,11 +400,11 @@ class Bench:
             return json.dumps([{"channel": c, "data": [index, now]} for c in blocks[block]]).encode()
 
         async def publish() -> Any:
-            return await self.publish_paced(self.stack.publisher.port, requests, rate, body)
+            return await self.publish_paced(route, requests, rate, body)
 
         result = await self.deliver(
             name="many-channels",
-            path="direct",
+            route=route,
             paths=[f"/stream?channel={c}" for c in channels],
             events_each=s.channel_events,
             publish=publish,
@@ -426,24 +414,26 @@ class Bench:
         result["batch_size"] = s.batch_size
         return result
 
+    def publish_bodies(self, route: Route, requests: int, batch: int) -> list[bytes]:
+        channel = f"bench.{self.run_id}.pub.{route.name}"
+        if batch == 1:
+            return [json.dumps({"channel": channel, "data": i}).encode() for i in range(requests)]
+        return [
+            json.dumps([{"channel": channel, "data": r * batch + j} for j in range(batch)]).encode()
+            for r in range(requests)
+        ]
+
     async def publish_load(
-        self, path: str, *, total_events: int, batch: int, concurrency: int
+        self, route: Route, *, total_events: int, batch: int, concurrency: int
     ) -> dict[str, Any]:
         """POST as fast as the service answers, `concurrency` requests in flight, no subscribers."""
-        _, port = self.ports(path)
-        channel = f"bench.{self.run_id}.pub.{path}"
         requests = total_events // batch
-        if batch == 1:
-            bodies = [json.dumps({"channel": channel, "data": i}).encode() for i in range(requests)]
-        else:
-            bodies = [
-                json.dumps([{"channel": channel, "data": r * batch + j} for j in range(batch)]).encode()
-                for r in range(requests)
-            ]
+        bodies = self.publish_bodies(route, requests, batch)
         counter = itertools.count()
         latencies: list[float] = []
         statuses: Counter[int] = Counter()
-        conns = [HttpConnection(port) for _ in range(concurrency)]
+        host, port = route.publish
+        conns = [HttpConnection(port, host=host, netns=route.netns) for _ in range(concurrency)]
 
         async def runner(conn: HttpConnection) -> None:
             while (i := next(counter)) < requests:
@@ -452,17 +442,11 @@ class Bench:
                 latencies.append(time.perf_counter() - t)
                 statuses[status] += 1
 
-        recording = None
-        binary = find_py_spy()
-        if self.profile_dir is not None and binary:
-            out = self.profile_dir / f"publish-{path}-batch{batch}.txt"
-            recording = Recording(binary, self.publisher_workers[0], 120, out, native=self.native)
-            await asyncio.sleep(0.5)  # py-spy attaches
-        client = redis.Redis.from_url(self.stack.redis.url)
+        recording = await self.profile(f"publish-{route.name}-batch{batch}", "publisher", 120)
+        client = redis.Redis.from_url(self.stack.redis_url)
         try:
             seq0 = int(client.hget("herald:meta", "seq") or 0)
-            pub0, nginx0, own0 = self.cpu(self.publisher_workers), self.nginx_cpu(), self.cpu([os.getpid()])
-            redis0, busy0 = self.cpu(self.redis_pids), machine_busy_seconds()
+            before = self.usage()
             t0 = time.perf_counter()
             try:
                 await asyncio.wait_for(asyncio.gather(*(runner(c) for c in conns)), 60 + requests / 100)
@@ -470,8 +454,7 @@ class Bench:
                 for conn in conns:
                     conn.close()
             elapsed = time.perf_counter() - t0
-            pub1, nginx1, own1 = self.cpu(self.publisher_workers), self.nginx_cpu(), self.cpu([os.getpid()])
-            redis1, busy1 = self.cpu(self.redis_pids), machine_busy_seconds()
+            after = self.usage()
             seq1 = int(client.hget("herald:meta", "seq") or 0)
         finally:
             client.close()
@@ -491,32 +474,23 @@ class Bench:
             "requests_per_s": requests / elapsed,
             "events_per_s": requests * batch / elapsed,
             "latency_ms": percentiles(latencies),
-            "publisher_cpu_s": pub1 - pub0,
-            "publisher_cpu_us_per_request": 1e6 * (pub1 - pub0) / max(requests, 1),
-            "publisher_cpu_us_per_event": 1e6 * (pub1 - pub0) / max(requests * batch, 1),
-            "nginx_cpu_s": nginx1 - nginx0 if path == "nginx" else 0.0,
-            "client_cpu_s": own1 - own0,
-            "redis_cpu_s": redis1 - redis0,
-            "redis_cpu_us_per_event": 1e6 * (redis1 - redis0) / max(requests * batch, 1),
-            "others_cpu_share": others_share(
-                busy1 - busy0, (pub1 - pub0) + (nginx1 - nginx0) + (own1 - own0) + (redis1 - redis0), elapsed
-            ),
+            **publish_figures(before, after, requests, batch, self.stack),
             "connections_opened": sum(c.connects for c in conns),
         }
 
-    async def publish(self, path: str) -> dict[str, Any]:
+    async def publish(self, route: Route) -> dict[str, Any]:
         s = self.sizes
         single = await self.publish_load(
-            path, total_events=s.publish_count, batch=1, concurrency=s.publish_concurrency
+            route, total_events=s.publish_count, batch=1, concurrency=s.publish_concurrency
         )
         batched = await self.publish_load(
-            path, total_events=s.batch_events, batch=s.batch_size, concurrency=s.batch_concurrency
+            route, total_events=s.batch_events, batch=s.batch_size, concurrency=s.batch_concurrency
         )
         return {"single": single, "batched": batched, "complete": single["complete"] and batched["complete"]}
 
     def cleanup_redis(self) -> None:
         """Remove this run's channels from Redis (matters when REDIS_URL is someone's Redis)."""
-        client = redis.Redis.from_url(self.stack.redis.url)
+        client = redis.Redis.from_url(self.stack.redis_url)
         try:
             prefix = f"bench.{self.run_id}."
             keys = list(itertools.islice(client.scan_iter(f"herald:stream:{prefix}*", count=1000), 100000))
@@ -529,249 +503,100 @@ class Bench:
             client.close()
 
 
-# -- targets and the table ------------------------------------------------------------------
+# -- figures from the measurements ---------------------------------------------------
 
 
-@dataclass
-class Target:
-    name: str
-    goal: str
-    measured: str
-    status: str  # PASS, MISS or n/a
+def delivery_figures(
+    answers: list[dict[str, Any]],
+    streams: int,
+    events_each: int,
+    before: Usage,
+    after: Usage,
+    stack: BenchStack,
+) -> dict[str, Any]:
+    """Completeness, latency, rate and CPU of one delivery run, from the client processes' answers."""
+    latencies: array[float] = array("d")
+    indexes: array[int] = array("i")
+    for answer in answers:
+        latencies.frombytes(answer["latencies"])
+        indexes.frombytes(answer["indexes"])
+    received = sum(int(a["received"]) for a in answers)
+    expected = streams * events_each
+    complete = sum(int(a["complete"]) for a in answers)
+    last = max((float(a["last_event_at"]) for a in answers), default=0.0) or after.wall
+    span = max(last - before.wall, 1e-9)
+    spent, others = after.since(before)
+    return {
+        "streams": streams,
+        "events_each": events_each,
+        "expected_deliveries": expected,
+        "received": received,
+        "complete_streams": complete,
+        "events_per_read": received / max(sum(int(a["reads"]) for a in answers), 1),
+        "errors": sum(int(a["errors"]) for a in answers),
+        "closed_early": sum(int(a["closed_early"]) for a in answers),
+        "complete": complete == streams and received == expected,
+        "latency_ms": percentiles(latencies),
+        "latency_ms_by_tenth": by_tenth(latencies, indexes, events_each),
+        "seconds": span,
+        "deliveries_per_s": received / span,
+        "stream_cpu_s": spent["stream"],
+        "stream_cpu_us_per_delivery": 1e6 * spent["stream"] / max(received, 1),
+        "stream_cpu_share": spent["stream"] / span,
+        "nginx_cpu_s": spent["nginx"],
+        "client_cpu_s": spent["clients"],
+        "redis_cpu_s": spent["redis"],
+        "publisher_cpu_s": spent["publisher"],
+        "others_cpu_share": others,
+        "client_cpu_us_per_delivery": 1e6 * spent["clients"] / max(received, 1),
+        **cpu_figures(spent, received, "delivery", stack.counted("delivery")),
+    }
 
 
-def _verdict(ok: bool | None) -> str:
-    return "n/a" if ok is None else ("PASS" if ok else "MISS")
+def publish_figures(
+    before: Usage, after: Usage, requests: int, batch: int, stack: BenchStack
+) -> dict[str, Any]:
+    """CPU per publish and per event, by component and summed over what the target counts."""
+    spent, others = after.since(before)
+    events = requests * batch
+    return {
+        "publisher_cpu_s": spent["publisher"],
+        "publisher_cpu_us_per_request": 1e6 * spent["publisher"] / max(requests, 1),
+        "publisher_cpu_us_per_event": 1e6 * spent["publisher"] / max(events, 1),
+        "nginx_cpu_s": spent["nginx"],
+        "client_cpu_s": spent["bench"],
+        "redis_cpu_s": spent["redis"],
+        "redis_cpu_us_per_event": 1e6 * spent["redis"] / max(events, 1),
+        "others_cpu_share": others,
+        **cpu_figures(spent, requests, "request", stack.counted("publish")),
+        "server_cpu_us_per_event": 1e6 * sum(spent[n] for n in stack.counted("publish")) / max(events, 1),
+    }
 
 
-def evaluate(results: dict[str, Any]) -> list[Target]:
-    targets: list[Target] = []
-    delivery = [(name, bool(r.get("complete"))) for name, r in _delivery_items(results)]
-    if delivery:
-        bad = [n for n, ok in delivery if not ok]
-        targets.append(
-            Target(
-                "delivery",
-                "100% in order, every scenario",
-                "all complete" if not bad else "incomplete: " + ", ".join(bad),
-                _verdict(not bad),
-            )
-        )
-    idle = results.get("idle")
-    if idle:
-        rss = idle["rss_kb_per_connection"]
-        targets.append(
-            Target(
-                "idle RSS",
-                f"<= {TARGET_RSS_KB:g} KB per connection",
-                f"{rss:.1f} KB ({idle['connections']:,} conns)",
-                _verdict(rss <= TARGET_RSS_KB),
-            )
-        )
-        held = idle["held_by_worker"]
-        ran = idle["connections"] >= TARGET_IDLE_HELD
-        targets.append(
-            Target(
-                "idle connections",
-                f"one worker holds {TARGET_IDLE_HELD:,}",
-                f"held {held:,} of {idle['connections']:,}"
-                + ("" if ran else f" (run --idle-connections {TARGET_IDLE_HELD})"),
-                _verdict(held >= TARGET_IDLE_HELD if ran else None),
-            )
-        )
-    for path, r in results.get("fanout", {}).items():
-        cpu = r["stream_cpu_us_per_delivery"]
-        targets.append(
-            Target(
-                f"fan-out CPU ({path})",
-                f"<= {TARGET_FANOUT_CPU_US:g} us/delivery",
-                f"{cpu:.1f} us{_batched(r)}",
-                _verdict(cpu <= TARGET_FANOUT_CPU_US),
-            )
-        )
-        p99 = r["latency_ms"]["p99"]
-        targets.append(
-            Target(
-                f"fan-out p99 ({path})",
-                f"<= {TARGET_P99_MS:g} ms at {r['streams']:,} x {r['rate_events_per_s']:g}/s",
-                f"{p99:.1f} ms",
-                _verdict(p99 <= TARGET_P99_MS),
-            )
-        )
-    scaling = results.get("scaling")
-    if scaling:
-        sizes = sorted(scaling, key=int)
-        figures = [scaling[k]["stream_cpu_us_per_delivery"] for k in sizes]
-        base = figures[0]
-        targets.append(
-            Target(
-                "fan-out CPU flat",
-                f"{' / '.join(sizes)} subs: <= {TARGET_FANOUT_CPU_US:g} us, "
-                f"each <= {TARGET_FLAT_RATIO:g}x the first",
-                " / ".join(f"{f:.1f}" for f in figures)
-                + " us"
-                + "".join(_batched(scaling[k]) for k in sizes[-1:]),
-                _verdict(
-                    all(f <= TARGET_FANOUT_CPU_US for f in figures)
-                    and all(f <= base * TARGET_FLAT_RATIO for f in figures)
-                ),
-            )
-        )
-    for path, r in results.get("publish", {}).items():
-        single, batched = r["single"], r["batched"]
-        if path == "nginx":
-            rate = single["requests_per_s"]
-            targets.append(
-                Target(
-                    "publishes/s (nginx)",
-                    f">= {TARGET_PUBLISHES_PER_S:,.0f} single-event",
-                    f"{rate:,.0f}/s",
-                    _verdict(rate >= TARGET_PUBLISHES_PER_S),
-                )
-            )
-        cpu = single["publisher_cpu_us_per_request"]
-        targets.append(
-            Target(
-                f"publisher CPU ({path})",
-                f"<= {TARGET_PUBLISH_CPU_US:g} us/publish",
-                f"{cpu:.0f} us",
-                _verdict(cpu <= TARGET_PUBLISH_CPU_US),
-            )
-        )
-        events = batched["events_per_s"]
-        targets.append(
-            Target(
-                f"batched events/s ({path})",
-                f">= {TARGET_BATCH_EVENTS_PER_S:,.0f}",
-                f"{events:,.0f}/s",
-                _verdict(events >= TARGET_BATCH_EVENTS_PER_S),
-            )
-        )
-    return targets
-
-
-def _batched(r: dict[str, Any]) -> str:
-    """A warning when the figure comes from a worker that fell behind and wrote several events at once."""
-    per_read = float(r.get("events_per_read", 1.0))
-    if per_read <= BATCHED_EVENTS_PER_READ:
-        return ""
-    return f" (behind: {per_read:.1f} ev/read)"
-
-
-def _delivery_items(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    items: list[tuple[str, dict[str, Any]]] = []
-    if "idle" in results:
-        items.append(("idle", results["idle"]))
-    for path, r in results.get("fanout", {}).items():
-        items.append((f"fanout/{path}", r))
-    for path, r in results.get("publish", {}).items():
-        items.append((f"publish/{path}", r))
-    if "many-channels" in results:
-        items.append(("many-channels", results["many-channels"]))
-    for size, r in results.get("scaling", {}).items():
-        items.append((f"scaling/{size}", r))
-    return items
-
-
-def _lat(r: dict[str, Any]) -> str:
-    lat = r["latency_ms"]
-    return f"{lat['p50']:.1f} / {lat['p95']:.1f} / {lat['p99']:.1f} / {lat['max']:.1f}"
-
-
-def rows(results: dict[str, Any]) -> list[list[str]]:
-    """The figures table: one row per scenario and path."""
-    table = [
-        [
-            "scenario",
-            "path",
-            "load",
-            "delivered",
-            "latency ms p50/p95/p99/max",
-            "server CPU",
-            "rate",
-            "ev/read",
-            "others",
-        ]
-    ]
-    idle = results.get("idle")
-    if idle:
-        table.append(
-            [
-                "idle",
-                "direct",
-                f"{idle['connections']:,} conns",
-                f"{idle['held_by_worker']:,} held",
-                "-",
-                f"{idle['rss_kb_per_connection']:.1f} KB/conn; {idle['idle_cpu_percent']:.2f}% "
-                f"of a core over {idle['idle_seconds']:.0f} s",
-                "-",
-                "-",
-                "-",
-            ]
-        )
-
-    def delivery_row(name: str, path: str, r: dict[str, Any]) -> list[str]:
-        return [
-            name,
-            path,
-            f"{r['streams']:,} x {r['events_each']} ev @ {r['rate_events_per_s']:g}/s",
-            f"{r['received']:,}/{r['expected_deliveries']:,}" + ("" if r["complete"] else " INCOMPLETE"),
-            _lat(r),
-            f"{r['stream_cpu_us_per_delivery']:.1f} us/delivery ({100 * r['stream_cpu_share']:.0f}% core)",
-            f"{r['deliveries_per_s']:,.0f} deliveries/s",
-            f"{r['events_per_read']:.2f}",
-            f"{100 * r['others_cpu_share']:.0f}%",
-        ]
-
-    for path, r in results.get("fanout", {}).items():
-        table.append(delivery_row("fan-out", path, r))
-    if "many-channels" in results:
-        table.append(delivery_row("many-channels", "direct", results["many-channels"]))
-    for size, r in sorted(results.get("scaling", {}).items(), key=lambda kv: int(kv[0])):
-        table.append(
-            delivery_row(
-                f"scaling {int(size) // 1000 or size}k" if int(size) >= 1000 else "scaling", "direct", r
-            )
-        )
-    for path, r in results.get("publish", {}).items():
-        single, batched = r["single"], r["batched"]
-        table.append(
-            [
-                "publish",
-                path,
-                f"{single['requests']:,} single, {single['concurrency']} in flight",
-                f"{single['statuses'].get('202', 0):,} x 202",
-                _lat(single),
-                f"{single['publisher_cpu_us_per_request']:.0f} us/publish",
-                f"{single['requests_per_s']:,.0f} publishes/s",
-                "-",
-                f"{100 * single['others_cpu_share']:.0f}%",
-            ]
-        )
-        table.append(
-            [
-                "publish batch",
-                path,
-                f"{batched['requests']:,} x {batched['batch']} ev, {batched['concurrency']} in flight",
-                f"{batched['statuses'].get('202', 0):,} x 202",
-                _lat(batched),
-                f"{batched['publisher_cpu_us_per_event']:.1f} us/event",
-                f"{batched['events_per_s']:,.0f} events/s",
-                "-",
-                f"{100 * batched['others_cpu_share']:.0f}%",
-            ]
-        )
-    return table
-
-
-def format_table(table: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    lines = []
-    for n, row in enumerate(table):
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+def idle_figures(
+    stack: BenchStack, live: int, rss: tuple[dict[str, int], ...], before: Usage, after: Usage
+) -> dict[str, Any]:
+    """Memory per idle stream (the larger of the two readings while open, minus the baseline) and idle CPU."""
+    rss0, rss1, rss2 = rss
+    per = {name: (max(rss1[name], rss2[name]) - rss0[name]) / max(live, 1) for name in rss0}
+    counted = stack.counted("idle")
+    spent, _ = after.since(before)
+    seconds = max(after.wall - before.wall, 1e-9)
+    percent = {name: 100 * value / seconds for name, value in spent.items()}
+    total = sum(spent[name] for name in counted)
+    return {
+        "rss_kb_before": rss0,
+        "rss_kb_open": rss1,
+        "rss_kb_after_idle": rss2,
+        "rss_kb_per_connection": sum(per[name] for name in counted),
+        "rss_kb_per_connection_by": per,
+        "idle_seconds": seconds,
+        "idle_cpu_s": total,
+        "idle_cpu_percent": 100 * total / seconds,
+        "idle_cpu_percent_by": percent,
+        "idle_cpu_us_per_connection_second": 1e6 * total / max(live, 1) / seconds,
+        "counted": list(counted),
+    }
 
 
 # -- main ---------------------------------------------------------------------------
@@ -779,6 +604,18 @@ def format_table(table: list[list[str]]) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tests.load.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--mode",
+        choices=("compose", "direct"),
+        default="compose",
+        help="compose: the Compose stack users run (default); direct: gunicorn and nginx on loopback",
+    )
+    parser.add_argument(
+        "--path",
+        action="append",
+        choices=COMPOSE_PATHS,
+        help="compose mode: measure only via docker-proxy or only inside nginx's netns (default both)",
+    )
     parser.add_argument("--scenario", action="append", choices=SCENARIOS, help="run only this (repeatable)")
     parser.add_argument("--quick", action="store_true", help="small sizes (the smoke test)")
     parser.add_argument("--idle-connections", type=int, help="idle streams (default 5,000; up to 20,000)")
@@ -790,16 +627,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--client-processes", type=int, default=2, help="SSE client processes (default 2)")
     parser.add_argument(
-        "--publisher-workers", type=int, default=2, help="publisher WEB_CONCURRENCY (default 2)"
+        "--publisher-workers", type=int, default=2, help="direct mode: publisher WEB_CONCURRENCY (default 2)"
     )
     parser.add_argument(
-        "--redis-url", default=os.environ.get("REDIS_URL"), help="use this Redis (else Docker)"
+        "--redis-url", default=os.environ.get("REDIS_URL"), help="direct mode: use this Redis (else Docker)"
     )
     parser.add_argument(
         "--redis-fsync",
         choices=("always", "everysec", "no"),
         default="always",
-        help="appendfsync of the bench's Redis (default always, as compose.yaml)",
+        help="direct mode: appendfsync of the bench's Redis (default always, as compose.yaml)",
     )
     parser.add_argument("--profile", type=Path, help="record py-spy profiles of the stream worker here")
     parser.add_argument(
@@ -813,6 +650,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.idle_connections is not None and not 1 <= args.idle_connections <= 20000:
         parser.error("--idle-connections must be 1..20000")
+    if args.mode == "compose" and set(args.scenario or ()) - set(COMPOSE_SCENARIOS):
+        parser.error(f"compose mode runs {', '.join(COMPOSE_SCENARIOS)}; the others need --mode direct")
+    if args.mode == "direct" and args.path:
+        parser.error("--path is for compose mode (direct mode measures direct and through nginx)")
     return args
 
 
@@ -830,16 +671,55 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
     return dataclasses.replace(sizes, **changes)
 
 
-async def run_scenarios(bench: Bench, names: list[str], log: Callable[[str], None]) -> dict[str, Any]:
+def scenario_names(args: argparse.Namespace) -> list[str]:
+    """The scenarios to run, in the bench's order."""
+    wanted = set(args.scenario or (COMPOSE_SCENARIOS if args.mode == "compose" else SCENARIOS))
+    return [name for name in SCENARIOS if name in wanted]
+
+
+Step = tuple[str, str, Callable[[], Awaitable[Any]]]
+
+
+def steps(bench: Bench, name: str) -> list[Step]:
+    """(result key, label, measurement) of one scenario: one per route (scaling: per size)."""
     s = bench.sizes
+    routes = bench.stack.routes(name)
+    if name == "scaling":
+        route = routes[0]
+        return [
+            (str(n), f"scaling/{n}", functools.partial(bench.fanout, route, n, profile=f"scaling-{n}"))
+            for n in s.scaling
+        ]
+    if name == "many-channels":
+        return [("", "many-channels", functools.partial(bench.many_channels, routes[0]))]
+    found: list[Step] = []
+    for route in routes:
+        label = f"{name}/{route.name}"
+        if name == "idle":
+            found.append((route.name, label, functools.partial(bench.idle, route, s.idle_connections)))
+        elif name == "fanout":
+            fanout = functools.partial(
+                bench.fanout, route, s.fanout_subscribers, profile=f"fanout-{route.name}"
+            )
+            found.append((route.name, label, fanout))
+        else:
+            found.append((route.name, label, functools.partial(bench.publish, route)))
+    return found
+
+
+async def run_scenarios(bench: Bench, names: list[str], log: Callable[[str], None]) -> dict[str, Any]:
+    """Every scenario on each of its routes; a failed one is recorded and the others still run.
+
+    results[scenario][route or size], except many-channels (one route: its figures directly).
+    """
     results: dict[str, Any] = {}
     errors: dict[str, str] = {}
 
-    async def attempt(label: str, step: Awaitable[Any]) -> Any:
+    async def attempt(label: str, step: Callable[[], Awaitable[Any]]) -> Any:
         log(f"  {label} ...")
         started = time.monotonic()
         try:
-            value = await step
+            value = await step()
         except (ScenarioFailed, TimeoutError, OSError, redis.RedisError) as exc:
             errors[label] = f"{type(exc).__name__}: {exc}"
             log(f"  {label}: FAILED {errors[label]}")
@@ -849,35 +729,18 @@ async def run_scenarios(bench: Bench, names: list[str], log: Callable[[str], Non
         log(f"  {label}: done in {time.monotonic() - started:.1f} s")
         return value
 
-    if "idle" in names:
-        value = await attempt("idle", bench.idle(s.idle_connections))
-        if value is not None:
-            results["idle"] = value
-    if "fanout" in names:
-        results["fanout"] = {}
-        for path in ("direct", "nginx"):
-            value = await attempt(
-                f"fanout/{path}",
-                bench.fanout(path, s.fanout_subscribers, profile=f"fanout-{path}"),
-            )
-            if value is not None:
-                results["fanout"][path] = value
-    if "publish" in names:
-        results["publish"] = {}
-        for path in ("direct", "nginx"):
-            value = await attempt(f"publish/{path}", bench.publish(path))
-            if value is not None:
-                results["publish"][path] = value
-    if "many-channels" in names:
-        value = await attempt("many-channels", bench.many_channels())
-        if value is not None:
-            results["many-channels"] = value
-    if "scaling" in names:
-        results["scaling"] = {}
-        for size in s.scaling:
-            value = await attempt(f"scaling/{size}", bench.fanout("direct", size, profile=f"scaling-{size}"))
-            if value is not None:
-                results["scaling"][str(size)] = value
+    for name in names:
+        results[name] = {}
+        for key, label, step in steps(bench, name):
+            value = await attempt(label, step)
+            problem = bench.stack.check()
+            if problem:
+                errors[f"{label} (stack)"] = problem
+                log(f"  {label}: {problem}")
+            if value is not None and key:
+                results[name][key] = value
+            elif value is not None:
+                results[name] = value
     results["errors"] = errors
     return results
 
@@ -893,9 +756,62 @@ def machine(load_average: tuple[float, float, float]) -> dict[str, Any]:
     }
 
 
+def start(args: argparse.Namespace, sizes: Sizes, tmp: Path, nofile: int) -> BenchStack:
+    """The stack of the chosen mode, up and ready."""
+    max_connections = max(10000, sizes.idle_connections + 500)
+    if args.mode == "compose":
+        paths = tuple(dict.fromkeys(args.path or COMPOSE_PATHS))
+        return start_compose(tmp, max_connections=max_connections, paths=paths)
+    return start_stack(
+        tmp,
+        redis_url=args.redis_url,
+        publisher_workers=args.publisher_workers,
+        max_connections=max_connections,
+        nofile=nofile,
+        redis_fsync=args.redis_fsync,
+    )
+
+
+def measure(args: argparse.Namespace, bench: Bench, names: list[str]) -> dict[str, Any]:
+    """Run the scenarios within --max-seconds; remove the run's keys from Redis afterwards."""
+
+    async def run() -> dict[str, Any]:
+        try:
+            return await asyncio.wait_for(run_scenarios(bench, names, log), args.max_seconds)
+        finally:
+            bench.stats_conn.close()
+
+    results = asyncio.run(run())
+    with contextlib.suppress(Exception):
+        bench.cleanup_redis()
+    return results
+
+
+def print_report(report: dict[str, Any], headline: str, out: Path) -> None:
+    """The figures table, the targets table, failures and profiles."""
+    results, mode = report["results"], report["stack"]["mode"]
+    load = " ".join(f"{x:.2f}" for x in report["machine"]["load_average_at_start"])
+    print(
+        f"\nHerald bench {report['started']}: {os.cpu_count()} CPUs, load average at start {load}; {headline}"
+    )
+    print("paths: " + "; ".join(f"{name} = {r['via']}" for name, r in report["routes"].items()))
+    print()
+    print(format_table(rows(results) if mode == "direct" else compose_rows(results)))
+    print()
+    table = [["target", "goal", "measured", ""]]
+    print(
+        format_table(table + [[t["name"], t["goal"], t["measured"], t["status"]] for t in report["targets"]])
+    )
+    for label, error in report["errors"].items():
+        print(f"\nFAILED {label}: {error}")
+    for label, r in _profiles(results):
+        print(f"\nprofile during {label}:\n{r}")
+    print(f"\nresults written to {out}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    names = list(dict.fromkeys(args.scenario or SCENARIOS))
+    names = scenario_names(args)
     sizes = sizes_from(args)
     nofile = raise_nofile()
     needed = sizes.idle_connections + 1000 if "idle" in names else max(sizes.scaling) + 1000
@@ -906,43 +822,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.json or ROOT / "bench-results" / f"{started:%Y%m%d-%H%M%S}.json"
     tmp = Path(tempfile.mkdtemp(prefix="herald-bench-"))
     signal.signal(signal.SIGTERM, _interrupt)
-    stack: Stack | None = None
+    stack: BenchStack | None = None
     pool: ClientPool | None = None
     ok = False
-    report: dict[str, Any] = {}
     try:
-        log(f"bench: starting the stack in {tmp}")
-        stack = start_stack(
-            tmp,
-            redis_url=args.redis_url,
-            publisher_workers=args.publisher_workers,
-            max_connections=max(10000, sizes.idle_connections + 500),
-            nofile=nofile,
-            redis_fsync=args.redis_fsync,
-        )
-        deadline = time.monotonic() + 20
-        while len(stack.publisher_workers()) < args.publisher_workers and time.monotonic() < deadline:
-            time.sleep(0.1)
+        log(f"bench: starting the stack ({args.mode} mode) in {tmp}")
+        stack = start(args, sizes, tmp, nofile)
         pool = ClientPool(args.client_processes)
         if args.profile:
             args.profile.mkdir(parents=True, exist_ok=True)
             if not find_py_spy():
                 log("bench: --profile needs py-spy (.venv/bin/pip install py-spy); no profiles")
         bench = Bench(stack, pool, sizes, args.profile, args.profile_native)
-        log(f"bench: stream worker {bench.stream_workers}, publisher workers {bench.publisher_workers}")
-
-        async def run() -> dict[str, Any]:
-            try:
-                return await asyncio.wait_for(run_scenarios(bench, names, log), args.max_seconds)
-            finally:
-                bench.stats_conn.close()
-
-        results = asyncio.run(run())
-        with contextlib.suppress(Exception):
-            bench.cleanup_redis()
+        log(f"bench: stream worker {stack.worker_pids('stream')}, publisher {stack.worker_pids('publisher')}")
+        results = measure(args, bench, names)
         errors = results.pop("errors")
-        targets = evaluate(results)
-        delivery = [bool(r.get("complete")) for _, r in _delivery_items(results)]
+        targets = evaluate(results) if args.mode == "direct" else evaluate_compose(results)
+        delivery = [bool(r.get("complete")) for _, r in delivery_items(results)]
         ok = not errors and all(delivery) and all(n in _present(results) for n in names)
         report = {
             "started": started.isoformat(timespec="seconds"),
@@ -951,39 +847,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                 [Path(sys.executable).name, "-m", "tests.load.bench", *(argv or sys.argv[1:])]
             ),
             "ok": ok,
+            "mode": args.mode,
             "scenarios_requested": names,
             "sizes": dataclasses.asdict(sizes),
             "machine": machine(load_average),
             "stack": stack.describe(),
+            "routes": {r.name: dataclasses.asdict(r) for n in names for r in stack.routes(n)},
             "client_processes": args.client_processes,
-            "redis_fsync": args.redis_fsync if not args.redis_url else "external",
+            "redis_fsync": "compose"
+            if args.mode == "compose"
+            else args.redis_fsync
+            if not args.redis_url
+            else "external",
             "results": results,
             "errors": errors,
             "targets": [dataclasses.asdict(t) for t in targets],
         }
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2, default=str) + "\n")
-        print()
-        print(
-            f"Herald bench {report['started']}: {os.cpu_count()} CPUs, load average at start "
-            f"{' '.join(f'{x:.2f}' for x in report['machine']['load_average_at_start'])}; "
-            f"publisher {len(bench.publisher_workers)} workers, stream 1 worker; "
-            f"nginx {report['stack']['nginx']['version']}, Redis {report['stack']['redis']['version']}"
-        )
-        print()
-        print(format_table(rows(results)))
-        print()
-        print(
-            format_table(
-                [["target", "goal", "measured", ""]]
-                + [[t.name, t.goal, t.measured, t.status] for t in targets]
-            )
-        )
-        for label, error in errors.items():
-            print(f"\nFAILED {label}: {error}")
-        for label, r in _profiles(results):
-            print(f"\nprofile during {label}:\n{r}")
-        print(f"\nresults written to {out}")
+        print_report(report, stack.headline(), out)
         missed = [t for t in targets if t.status == "MISS"]
         if not ok:
             return 1
@@ -995,7 +877,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pool.stop()
         if stack is not None:
             if not ok:
-                print(f"bench: service logs kept in {tmp}", file=sys.stderr)
+                print(f"bench: logs kept in {tmp}", file=sys.stderr)
             stack.stop()
         if ok and not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)

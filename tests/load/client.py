@@ -16,13 +16,17 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
+import socket
 import time
 from array import array
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+from tests.load.netns import tcp_socket
 from tests.load.stack import cpu_seconds, raise_nofile
+
+Address = tuple[str, int]
 
 # -- HTTP/1.1 keep-alive client (publishing, /stats) ------------------------------------
 
@@ -31,11 +35,28 @@ class HttpError(Exception):
     pass
 
 
-class HttpConnection:
-    """One keep-alive HTTP/1.1 connection to 127.0.0.1:port; reconnects when the server closes."""
+async def connect(address: Address, netns: str | None) -> socket.socket:
+    """A TCP socket connected to `address`, created in the network namespace `netns` (None: ours)."""
+    sock = tcp_socket(netns)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
-    def __init__(self, port: int, timeout: float = 10) -> None:
-        self.port = port
+
+class HttpConnection:
+    """One keep-alive HTTP/1.1 connection to host:port; reconnects when the server closes.
+
+    `netns`: the network namespace to connect from (a container's; None for ours).
+    """
+
+    def __init__(
+        self, port: int, timeout: float = 10, host: str = "127.0.0.1", netns: str | None = None
+    ) -> None:
+        self.address = (host, port)
+        self.netns = netns
         self.timeout = timeout
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -43,7 +64,8 @@ class HttpConnection:
 
     async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self._reader is None or self._writer is None:
-            self._reader, self._writer = await asyncio.open_connection("127.0.0.1", self.port)
+            sock = await connect(self.address, self.netns)
+            self._reader, self._writer = await asyncio.open_connection(sock=sock)
             self.connects += 1
         return self._reader, self._writer
 
@@ -289,7 +311,10 @@ class Worker:
 
     # Commands from the bench.
 
-    async def open(self, port: int, paths: list[str], concurrency: int, timeout: float) -> dict[str, Any]:
+    async def open(
+        self, address: Address, netns: str | None, paths: list[str], concurrency: int, timeout: float
+    ) -> dict[str, Any]:
+        """Open one stream per path at `address` (from the network namespace `netns`)."""
         loop = asyncio.get_running_loop()
         self.subs = []
         self.settled = self.live_count = self.lost_count = 0
@@ -309,7 +334,7 @@ class Worker:
                 break
             self.subs.append(sub)
             try:
-                await loop.create_connection(sub.itself, "127.0.0.1", port)
+                await loop.create_connection(sub.itself, sock=await connect(address, netns))
             except OSError as exc:
                 self._fail(sub, f"connect: {exc.strerror or exc!r}")
         # Set early if, while connecting, every stream so far had settled: start over.
@@ -394,8 +419,13 @@ class Worker:
                 await self.close(2)
                 return
             if op == "open":
+                host, port = command["address"]
                 answer = await self.open(
-                    command["port"], command["paths"], command["concurrency"], command["timeout"]
+                    (host, port),
+                    command.get("netns"),
+                    command["paths"],
+                    command["concurrency"],
+                    command["timeout"],
                 )
             elif op == "expect":
                 self.expect(command["count"])
@@ -414,7 +444,8 @@ class Worker:
 def worker_main(pipe: Connection) -> None:
     """Entry point of a client process."""
     raise_nofile()
-    asyncio.run(Worker(pipe).serve())
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C reaches the whole group: the bench stops us
+        asyncio.run(Worker(pipe).serve())
 
 
 class ClientPool:

@@ -1,6 +1,11 @@
-"""The stack the bench runs against, all on loopback: Redis, both services, nginx.
+"""The stacks the bench measures: their common interface, and the direct one, all on loopback.
 
-Redis comes from a local Docker image (or REDIS_URL), the publisher and ONE
+`BenchStack` is what the bench needs from a stack: the routes clients take
+(`Route`), CPU time and memory by component, and which components a target
+counts. Two implement it: `Stack` here (direct mode) and
+tests.load.compose.ComposeStack (compose mode, the Compose stack users run).
+
+Direct mode: Redis comes from a local Docker image (or REDIS_URL), the publisher and ONE
 stream worker are real gunicorn processes started with their own
 gunicorn.conf.py (tests.support.services.start_service), and nginx is the
 distribution's binary run as a child process with a temporary prefix and
@@ -11,6 +16,7 @@ Every process is started here and stopped here, by its own id.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import resource
@@ -20,6 +26,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, Protocol
 
 import redis
 
@@ -41,7 +48,86 @@ NGINX_VARS = {
     "UPSTREAM_CONNECT_TIMEOUT": "1s",
     "DNS_VALID": "2s",
     "RETRY_AFTER_SECONDS": "2",
+    "NGINX_MAX_STREAMS": "16000",
+    # No `resolve` in the upstream block: the services are at fixed loopback ports
+    # (and Debian's nginx 1.22 does not have it).
+    "NGINX_UPSTREAM_RESOLVE": "",
 }
+
+
+Address = tuple[str, int]
+# What a target counts: CPU per delivered event, per publish, or memory and CPU of idle streams.
+Kind = Literal["delivery", "publish", "idle"]
+
+
+@dataclass(frozen=True)
+class Route:
+    """How the clients reach the stack on one measured path."""
+
+    name: str  # "direct", "nginx" (direct mode); "proxy", "netns" (compose mode)
+    stream: Address  # where SSE clients connect
+    publish: Address  # where publishes go
+    netns: str | None = None  # the network namespace clients connect from (None: the host's)
+    via: str = ""  # what is in between, for the report
+
+
+class BenchStack(Protocol):
+    """What the bench needs from a running stack, whichever way it was started."""
+
+    mode: str
+
+    @property
+    def stats(self) -> Address:
+        """Where the stream service's /stats answers (its one worker), from the host."""
+        ...
+
+    @property
+    def redis_url(self) -> str:
+        """The stack's Redis, from the host."""
+        ...
+
+    @property
+    def heartbeat_seconds(self) -> float: ...
+
+    def routes(self, scenario: str) -> list[Route]:
+        """The paths a scenario is measured on, in order."""
+        ...
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds used so far, by component ("stream", "nginx", ...)."""
+        ...
+
+    def rss_kb(self) -> dict[str, int]:
+        """Resident memory now, by component, in KiB."""
+        ...
+
+    def counted(self, kind: Kind) -> tuple[str, ...]:
+        """The components whose sum a target judges (the others are for information)."""
+        ...
+
+    def worker_pids(self, service: str) -> list[int]:
+        """Host pids of a service's workers ("stream", "publisher"), e.g. for py-spy."""
+        ...
+
+    def stream_limit(self, route: Route) -> tuple[int, str] | None:
+        """How many streams something on the route can hold at most, and why (None: no such limit)."""
+        ...
+
+    def check(self) -> str | None:
+        """After a scenario: what broke in the stack, now repaired (None when all is well)."""
+        ...
+
+    def headline(self) -> str:
+        """One line about the stack for the report."""
+        ...
+
+    def describe(self) -> dict[str, object]:
+        """Versions, settings and limits, for the JSON report."""
+        ...
+
+    def stop(self) -> None:
+        """Stop everything the bench started for this stack."""
+        ...
 
 
 # -- /proc ---------------------------------------------------------------------
@@ -371,6 +457,8 @@ def start_nginx(binary: str, tmp: Path, *, publisher: int, stream: int, nofile: 
 
 @dataclass
 class Stack:
+    """Direct mode: Redis, the publisher, one stream worker and nginx, all on loopback."""
+
     tmp: Path
     redis: RedisServer
     publisher: Service
@@ -378,6 +466,64 @@ class Stack:
     nginx: Nginx
     nofile: int
     settings: dict[str, str] = field(default_factory=dict)
+    mode: str = "direct"
+
+    @property
+    def stats(self) -> Address:
+        return ("127.0.0.1", self.stream.port)
+
+    @property
+    def redis_url(self) -> str:
+        return self.redis.url
+
+    @property
+    def heartbeat_seconds(self) -> float:
+        return float(self.stream.env.get("HEARTBEAT_SECONDS", "15"))
+
+    def routes(self, scenario: str) -> list[Route]:
+        """Straight to the services; fan-out and publish also through nginx."""
+        direct = Route(
+            "direct",
+            ("127.0.0.1", self.stream.port),
+            ("127.0.0.1", self.publisher.port),
+            via="straight to the services",
+        )
+        nginx = Route(
+            "nginx",
+            ("127.0.0.1", self.nginx.port),
+            ("127.0.0.1", self.nginx.port),
+            via=f"nginx (127.0.0.1:{self.nginx.port})",
+        )
+        return [direct, nginx] if scenario in ("fanout", "publish") else [direct]
+
+    @functools.cached_property
+    def pids(self) -> dict[str, list[int]]:
+        """Host pids by component: the services' workers, nginx's workers, redis-server."""
+        return {
+            "stream": self.stream.worker_pids(),
+            "publisher": self.publisher.worker_pids(),
+            "nginx": self.nginx.worker_pids(),
+            "redis": self.redis.pids(),
+        }
+
+    def cpu(self) -> dict[str, float]:
+        return {name: cpu_seconds(pids) for name, pids in self.pids.items()}
+
+    def rss_kb(self) -> dict[str, int]:
+        return {"stream": sum(rss_kb(pid) for pid in self.pids["stream"])}
+
+    def counted(self, kind: Kind) -> tuple[str, ...]:
+        """The issue's direct-mode targets judge the stream worker, or the publisher's workers."""
+        return ("publisher",) if kind == "publish" else ("stream",)
+
+    def worker_pids(self, service: str) -> list[int]:
+        return self.pids[service]
+
+    def stream_limit(self, route: Route) -> tuple[int, str] | None:
+        return None
+
+    def check(self) -> str | None:
+        return None
 
     def stream_workers(self) -> list[int]:
         return self.stream.worker_pids()
@@ -385,9 +531,16 @@ class Stack:
     def publisher_workers(self) -> list[int]:
         return self.publisher.worker_pids()
 
+    def headline(self) -> str:
+        return (
+            f"direct mode: publisher {len(self.pids['publisher'])} workers, stream 1 worker; "
+            f"nginx {self.nginx.version()}, Redis {self.redis.version()}"
+        )
+
     def describe(self) -> dict[str, object]:
         stream_workers = self.stream_workers()
         return {
+            "mode": self.mode,
             "redis": {"url": self.redis.url, "version": self.redis.version(), "network": self.redis.network},
             "nginx": {"version": self.nginx.version(), "url": self.nginx.url, "template_vars": NGINX_VARS},
             "publisher": {
@@ -442,4 +595,12 @@ def start_stack(
                 service.stop()
         redis_server.stop()
         raise
-    return Stack(tmp, redis_server, publisher, stream, nginx, nofile)
+    stack = Stack(tmp, redis_server, publisher, stream, nginx, nofile)
+    try:
+        deadline = time.monotonic() + 20
+        while len(stack.publisher_workers()) < publisher_workers and time.monotonic() < deadline:
+            time.sleep(0.1)
+    except BaseException:
+        stack.stop()
+        raise
+    return stack

@@ -1,16 +1,19 @@
 """The load tool runs end to end at small sizes: correctness only, never speed.
 
-`python -m tests.load.bench --quick` starts its own Redis, services and nginx,
-runs every scenario on both paths with a few dozen clients, and must exit 0
-with every subscriber having got every event exactly once, in order, and a
-JSON report with every scenario's figures. The figures themselves are not
-judged here: they depend on the machine (see docs/benchmark.md).
+`python -m tests.load.bench --mode direct --quick` starts its own Redis,
+services and nginx, runs every scenario on both paths with a few dozen clients,
+and must exit 0 with every subscriber having got every event exactly once, in
+order, and a JSON report with every scenario's figures. `--quick` in the
+default compose mode (about 30 s) does the same against the Compose stack, on
+both paths to nginx, and must leave no container behind. The figures themselves
+are not judged here: they depend on the machine (see docs/benchmark.md).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +21,9 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.support import compose_command
 from tests.load.stack import find_nginx
-from tests.support.docker import REDIS_IMAGE, in_ci, require_docker
+from tests.support.docker import REDIS_IMAGE, docker_available, in_ci, require_docker
 from tests.support.services import ROOT
 
 DELIVERY_KEYS = {
@@ -54,7 +58,18 @@ def test_quick_bench_delivers_every_event_in_order(tmp_path: Path) -> None:
     # The same Redis image as the integration tests (pinned, or the local stand-in).
     env = {**os.environ, "HERALD_TEST_REDIS_IMAGE": REDIS_IMAGE}
     run = subprocess.run(
-        [sys.executable, "-m", "tests.load.bench", "--quick", "--json", str(out), "--max-seconds", "90"],
+        [
+            sys.executable,
+            "-m",
+            "tests.load.bench",
+            "--mode",
+            "direct",
+            "--quick",
+            "--json",
+            str(out),
+            "--max-seconds",
+            "90",
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -69,7 +84,8 @@ def test_quick_bench_delivers_every_event_in_order(tmp_path: Path) -> None:
     assert report["errors"] == {}, output
     results = report["results"]
 
-    idle = results["idle"]
+    assert set(results["idle"]) == {"direct"}
+    idle = results["idle"]["direct"]
     assert idle["live"] == idle["held_by_worker"] == idle["connections"] == 50
     assert {"rss_kb_per_connection", "idle_cpu_percent"} <= idle.keys()
 
@@ -98,3 +114,60 @@ def test_quick_bench_delivers_every_event_in_order(tmp_path: Path) -> None:
     assert all(t["status"] in {"PASS", "MISS", "n/a"} for t in report["targets"])
     delivery = next(t for t in report["targets"] if t["name"] == "delivery")
     assert delivery["status"] == "PASS"
+
+
+def _require_compose_bench() -> None:
+    """Docker, Compose and root (setns into nginx's network namespace), or skip (in CI: Docker is a must)."""
+    if not docker_available():
+        if in_ci():
+            pytest.fail("the compose-mode bench needs Docker (CI must provide it)", pytrace=False)
+        pytest.skip("the compose-mode bench needs Docker")
+    tool = compose_command()[0]
+    if shutil.which(tool) is None and not Path(tool).exists():
+        pytest.skip(f"the compose-mode bench needs {tool}")
+    if os.geteuid() != 0:
+        pytest.skip("the compose-mode bench needs root: it enters nginx's network namespace (setns)")
+
+
+def test_quick_compose_bench_measures_both_paths(tmp_path: Path) -> None:
+    """The default mode: the Compose stack, via docker-proxy and inside nginx's netns, then removed."""
+    _require_compose_bench()
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.load.bench", "--quick", "--json", str(out), "--max-seconds", "120"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    output = f"stdout:\n{run.stdout[-4000:]}\nstderr:\n{run.stderr[-4000:]}"
+    assert run.returncode == 0, output
+    report = json.loads(out.read_text())
+    assert report["ok"] is True and report["errors"] == {}, output
+    assert report["mode"] == "compose"
+    results = report["results"]
+    for scenario in ("idle", "fanout", "publish"):
+        assert set(results[scenario]) == {"proxy", "netns"}, scenario
+    containers = {"nginx", "stream", "publisher", "redis"}
+    for path, result in results["fanout"].items():
+        assert_delivered(f"fanout/{path}", result)
+        assert result["cpu_s"].keys() >= containers | {"docker-proxy"}
+        assert result["server_cpu_us_per_delivery"] > 0
+    assert results["fanout"]["proxy"]["cpu_s"]["docker-proxy"] > 0
+    for path, result in results["idle"].items():
+        assert result["held_by_worker"] == result["connections"] == 50, path
+        assert result["rss_kb_per_connection_by"].keys() >= containers
+    for path, result in results["publish"].items():
+        for kind in ("single", "batched"):
+            assert result[kind]["statuses"] == {"202": result[kind]["requests"]}, f"{path}/{kind}"
+    names = {t["name"] for t in report["targets"]}
+    assert {"idle RSS (netns)", "fan-out CPU (proxy)", "publish CPU (netns)"} <= names
+    left = subprocess.run(
+        ["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={report['stack']['project']}"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    assert left.stdout.strip() == "", "the bench left containers behind"
