@@ -21,9 +21,17 @@ PREFIX=${LOCAL_IMAGE_PREFIX:-herald-local}
 HERE=$(cd "$(dirname "$0")" && pwd)
 PACKAGES=python3,python3-venv,redis-server,redis-tools,nginx,gettext-base,curl,ca-certificates
 
-if [ "${FORCE:-0}" != 1 ] \
-  && docker image inspect "$PREFIX/python:$SUITE" "$PREFIX/redis:$SUITE" "$PREFIX/nginx:$SUITE" >/dev/null 2>&1; then
-  echo "local images $PREFIX/{python,redis,nginx}:$SUITE already exist (FORCE=1 rebuilds)"
+# The thin images are rebuilt whenever their recipe (local-images/) changes.
+RECIPE=$(cat "$HERE"/local-images/* | sha256sum | cut -c1-16)
+current() {  # true if all three images exist and were built from this recipe
+  local role
+  for role in python redis nginx; do
+    [ "$(docker image inspect -f '{{index .Config.Labels "herald.recipe"}}' "$PREFIX/$role:$SUITE" 2>/dev/null)" = "$RECIPE" ] \
+      || return 1
+  done
+}
+if [ "${FORCE:-0}" != 1 ] && current; then
+  echo "local images $PREFIX/{python,redis,nginx}:$SUITE are up to date (FORCE=1 rebuilds)"
   exit 0
 fi
 
@@ -47,7 +55,7 @@ if ! docker image inspect "$PREFIX/base:$SUITE" >/dev/null 2>&1 || [ "${FORCE:-0
 fi
 
 for role in python redis nginx; do
-  docker build -q --build-arg "BASE=$PREFIX/base:$SUITE" -t "$PREFIX/$role:$SUITE" \
+  docker build -q --build-arg "BASE=$PREFIX/base:$SUITE" --label "herald.recipe=$RECIPE" -t "$PREFIX/$role:$SUITE" \
     -f "$HERE/local-images/$role.Dockerfile" "$HERE/local-images"
 done
 echo "built $PREFIX/{python,redis,nginx}:$SUITE"

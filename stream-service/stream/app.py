@@ -308,7 +308,11 @@ def create_app(config: Config | None = None) -> Flask:
     app.extensions["herald.hub"] = hub
     unavailable = {"Retry-After": str(config.retry_after_seconds)}
 
-    @app.get("/stream")
+    # Only GET opens a stream. Flask answers HEAD for every GET route by running
+    # the view; HEAD gets the headers a GET would get and never attaches a
+    # subscriber. OPTIONS is not answered automatically (EventSource never sends
+    # a preflight): every other method gets a JSON 405 with `Allow: GET, HEAD`.
+    @app.route("/stream", methods=["GET"], provide_automatic_options=False)
     def stream() -> Response:
         try:
             channels = parse_channels(request.args.getlist("channel"), config.max_channels_per_stream)
@@ -325,15 +329,18 @@ def create_app(config: Config | None = None) -> Flask:
             return error(exc.status, exc.code, exc.message, challenge)
         if hub.clients >= config.max_connections:
             return error(503, "too_many_connections", "this worker is at its connection limit", unavailable)
-        try:
-            body = streamer.open(channels, last, grant.expires)
-        except Unavailable as exc:
-            return error(503, "unavailable", str(exc), unavailable)
         headers = {
             "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no",
             **cors_headers(request.headers.get("Origin"), config.cors_origins),
         }
+        if request.method == "HEAD":
+            # An empty iterable, not b"": no Content-Length of 0 (a GET has none).
+            return Response(iter(()), mimetype="text/event-stream", headers=headers)
+        try:
+            body = streamer.open(channels, last, grant.expires)
+        except Unavailable as exc:
+            return error(503, "unavailable", str(exc), unavailable)
         return Response(body, mimetype="text/event-stream", headers=headers)
 
     @app.get("/healthz")

@@ -9,6 +9,7 @@ where that is a failure.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -92,14 +93,14 @@ E2E_SETTINGS = {
 }
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """The whole stack, up and healthy; torn down (with its volume) at the end."""
+@contextlib.contextmanager
+def running_stack(workdir: Path, **overrides: str) -> Iterator[Stack]:
+    """A whole stack with E2E_SETTINGS (plus `overrides`), up and healthy, under its
+    own project name and port; torn down (with its volume) on exit."""
     _require_docker_and_compose()
-    workdir = tmp_path_factory.mktemp("herald-e2e")
     project = f"herald-e2e-{os.getpid()}-{secrets.token_hex(3)}"
     port = free_port()
-    settings = {**E2E_SETTINGS, "HERALD_PORT": str(port), "COMPOSE_PROJECT_NAME": project}
+    settings = {**E2E_SETTINGS, **overrides, "HERALD_PORT": str(port), "COMPOSE_PROJECT_NAME": project}
     env_file = workdir / "e2e.env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
     the_stack = Stack(
@@ -113,34 +114,45 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     started = time.monotonic()
     try:
         the_stack.compose("up", "--build", "--wait", timeout=FIRST_TEST_TIMEOUT - 60, prepare=True)
-        MEASUREMENTS["stack up (build + wait healthy), s"] = round(time.monotonic() - started, 1)
+        MEASUREMENTS.setdefault("stack up (build + wait healthy), s", round(time.monotonic() - started, 1))
         yield the_stack
     finally:
-        # Keep the logs for a post-mortem, then remove everything, volume included.
-        try:
-            logs = the_stack.compose("logs", "--no-color", "--timestamps", timeout=60, check=False)
-            (workdir / "compose.log").write_text(logs.stdout + logs.stderr)
-            MEASUREMENTS["compose logs"] = str(workdir / "compose.log")
-        except (subprocess.SubprocessError, OSError):
-            pass
-        down = the_stack.compose(
-            "down", "-v", "--rmi", "local", "--remove-orphans", "--timeout", "10", timeout=180, check=False
+        _tear_down(the_stack, workdir)
+
+
+def _tear_down(the_stack: Stack, workdir: Path) -> None:
+    """Keep the logs for a post-mortem, then remove everything, volume included."""
+    try:
+        logs = the_stack.compose("logs", "--no-color", "--timestamps", timeout=60, check=False)
+        (workdir / "compose.log").write_text(logs.stdout + logs.stderr)
+        MEASUREMENTS.setdefault("compose logs", str(workdir / "compose.log"))
+    except (subprocess.SubprocessError, OSError):
+        pass
+    down = the_stack.compose(
+        "down", "-v", "--rmi", "local", "--remove-orphans", "--timeout", "10", timeout=180, check=False
+    )
+    if down.returncode != 0:  # never leave containers behind
+        label = f"label=com.docker.compose.project={the_stack.project}"
+        subprocess.run(
+            f"docker ps -aq --filter {label} | xargs -r docker rm -f",
+            shell=True,
+            check=False,
+            timeout=120,
         )
-        if down.returncode != 0:  # never leave containers behind
-            label = f"label=com.docker.compose.project={project}"
-            subprocess.run(
-                f"docker ps -aq --filter {label} | xargs -r docker rm -f",
-                shell=True,
-                check=False,
-                timeout=120,
-            )
-            subprocess.run(
-                f"docker volume ls -q --filter {label} | xargs -r docker volume rm",
-                shell=True,
-                check=False,
-                timeout=60,
-            )
-        the_stack.session.close()
+        subprocess.run(
+            f"docker volume ls -q --filter {label} | xargs -r docker volume rm",
+            shell=True,
+            check=False,
+            timeout=60,
+        )
+    the_stack.session.close()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The whole stack as E2E_SETTINGS configure it, shared by the session."""
+    with running_stack(tmp_path_factory.mktemp("herald-e2e")) as the_stack:
+        yield the_stack
 
 
 @pytest.fixture

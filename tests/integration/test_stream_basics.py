@@ -108,3 +108,30 @@ def test_health_and_readiness(stream: Service, publisher: Service) -> None:
     for service in (stream, publisher):
         assert requests.get(f"{service.url}/healthz", timeout=5).json() == {"status": "ok"}
         assert requests.get(f"{service.url}/readyz", timeout=5).json() == {"status": "ready"}
+
+
+def test_only_get_opens_a_stream(stream: Service, channel: str) -> None:
+    url = f"{stream.url}/stream?channel={channel}"
+    head = requests.head(url, timeout=5)
+    assert head.status_code == 200
+    assert head.headers["content-type"].startswith("text/event-stream")
+    assert head.headers["cache-control"] == "no-cache"
+    assert "content-length" not in head.headers
+    assert stats(stream)["clients"] == 0, "HEAD left a subscriber attached"
+    for method in ("POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
+        answer = requests.request(method, url, timeout=5)
+        assert answer.status_code == 405, method
+        assert answer.headers["content-type"] == "application/json", method
+        assert answer.json()["error"] == "method_not_allowed", method
+        assert set(answer.headers["Allow"].replace(" ", "").split(",")) == {"GET", "HEAD"}, method
+        assert stats(stream)["clients"] == 0, f"{method} left a subscriber attached"
+    # A bad HEAD gets the status a GET would get, still without a body.
+    assert requests.head(f"{stream.url}/stream", timeout=5).status_code == 400
+    # And GET still opens one.
+    client = open_stream(stream.url, [channel])
+    try:
+        assert client.status == 200
+        assert eventually(lambda: stats(stream)["clients"] == 1, timeout=5)
+    finally:
+        client.close()
+    assert eventually(lambda: stats(stream)["clients"] == 0, timeout=5)
