@@ -9,16 +9,20 @@ os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="heral
 
 wsgi_app = "publisher.app:create_app()"
 bind = os.environ.get("BIND", "0.0.0.0:8000")
-worker_class = "gevent"
+# gunicorn's gevent worker, which also closes idle keep-alive connections when
+# it stops (publisher/worker.py).
+worker_class = "publisher.worker.Worker"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "1000"))
 # Publishes are short; a worker that blocks this long is stuck.
 timeout = 30
 graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "10"))
-# nginx reaches the services through a variable proxy_pass, which never reuses
-# upstream connections; a short keep-alive bounds how long an idle client
-# connection can hold up a graceful stop.
-keepalive = 5
+# nginx keeps idle connections to the publisher for reuse for up to 60 s
+# (keepalive_timeout of its upstream block). gunicorn keeps them longer, so it
+# is always nginx that closes an idle connection, never gunicorn just as nginx
+# sends a publish on it. Idle connections do not hold up a graceful stop: the
+# worker closes them when it stops.
+keepalive = 75
 accesslog = "-" if os.environ.get("ACCESS_LOG", "0") == "1" else None
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info")

@@ -17,7 +17,7 @@ def init_app(app: Flask, origins: tuple[str, ...]) -> None:
     exact = frozenset(o for o in origins if o != "*")
 
     def allow(response: Response) -> Response:
-        origin = request.headers.get("Origin")
+        origin = request.environ.get("HTTP_ORIGIN")
         if not origin:
             return response
         if origin in exact:
@@ -37,4 +37,6 @@ def init_app(app: Flask, origins: tuple[str, ...]) -> None:
             response.headers["Access-Control-Max-Age"] = "600"
         return allow(response)
 
-    app.after_request(allow)
+    if origins:
+        # With no origin allowed no answer gets CORS headers: no per-request hook.
+        app.after_request(allow)

@@ -28,6 +28,19 @@ PUBLISH_SECONDS = Histogram(
 )
 
 
+# One child per status code seen, looked up once (labels() costs as much as inc()).
+_requests_by_status: dict[int, Counter] = {}
+
+
+def publish_done(status: int, seconds: float) -> None:
+    """Count one publish request with its status and duration."""
+    child = _requests_by_status.get(status)
+    if child is None:
+        child = _requests_by_status[status] = PUBLISH_REQUESTS.labels(str(status))
+    child.inc()
+    PUBLISH_SECONDS.observe(seconds)
+
+
 def init_app(app: Flask) -> None:
     """GET /metrics in the Prometheus text format."""
 

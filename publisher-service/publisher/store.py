@@ -7,11 +7,15 @@ round trip, so no subscriber can see a live event that history lacks.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis
+import redis.connection
+from redis.exceptions import NoScriptError
 
 from .validation import Event
 
@@ -96,13 +100,59 @@ class Published:
 
 
 class EventStore:
-    """Writes events to Redis following the contract."""
+    """Writes events to Redis following the contract.
+
+    The script is sent on connections of its own, straight through redis-py's
+    `Connection` (hiredis parses the reply): a publish is one EVALSHA and this
+    path skips what the client adds to each command (pool checkout with a
+    readiness poll, retry wrappers, observability hooks), which cost more CPU
+    than the command itself. The rules stay the client's (`make_redis`): a
+    broken connection is reconnected and the command retried once, a timeout
+    never is (the script may have run), and a connection that failed in any way
+    is closed before it is used again.
+    """
 
     def __init__(self, client: redis.Redis, history_maxlen: int, history_ttl_seconds: int = 0) -> None:
         self._client = client
         self._maxlen = history_maxlen
         self._ttl = history_ttl_seconds
-        self._script = client.register_script(PUBLISH_LUA)
+        self._sha = hashlib.sha1(PUBLISH_LUA.encode()).hexdigest()
+        # Idle connections, last used first; one per publish in flight at most.
+        self._idle: list[redis.connection.ConnectionInterface] = []
+        # The epoch the script sets if Redis has none. It is drawn again only
+        # once it has been used, so an epoch is never set twice, and a publish
+        # does not pay for randomness from the OS.
+        self._candidate = new_epoch()
+
+    def _call(self, command: tuple[str | int, ...]) -> Any:
+        """Run the script on a pooled connection: EVALSHA, or EVAL if Redis lacks it."""
+        try:
+            conn = self._idle.pop()
+        except IndexError:
+            conn = self._client.connection_pool.make_connection()
+        try:
+            try:
+                reply = self._run(conn, command)
+            except redis.ConnectionError:
+                # A socket left over from a Redis restart: reconnect, once.
+                conn.disconnect()
+                reply = self._run(conn, command)
+        except BaseException:
+            # A timeout, a script error, a killed greenlet: a reply may still be
+            # on its way, so this connection is not reused as it is.
+            conn.disconnect()
+            self._idle.append(conn)
+            raise
+        self._idle.append(conn)
+        return reply
+
+    def _run(self, conn: redis.connection.ConnectionInterface, command: tuple[str | int, ...]) -> Any:
+        conn.send_command("EVALSHA", self._sha, *command)
+        try:
+            return conn.read_response()
+        except NoScriptError:
+            conn.send_command("EVAL", PUBLISH_LUA, *command)
+            return conn.read_response()
 
     def publish(self, events: Sequence[Event], idempotency: Idempotency | None = None) -> Published:
         """Store and announce `events` atomically, in order; return their ids.
@@ -112,15 +162,19 @@ class EventStore:
         """
         record = IDEMPOTENCY_PREFIX + idempotency.key if idempotency else IDEMPOTENCY_PREFIX
         keys = [META_KEY, CHANNELS_KEY, record] + [STREAM_PREFIX + e.channel for e in events]
-        args: list[str | int] = [new_epoch(), self._maxlen, self._ttl]
+        candidate = self._candidate
+        args: list[str | int] = [candidate, self._maxlen, self._ttl]
         args += [idempotency.fingerprint, idempotency.window_seconds] if idempotency else ["", 0]
         for e in events:
             args += [e.channel, e.event, e.data]
-        epoch, seqs, prior = self._script(keys=keys, args=args)
+        epoch, seqs, prior = self._call((len(keys), *keys, *args))
+        epoch = epoch.decode()
+        if epoch == candidate:
+            self._candidate = new_epoch()
         replayed = bool(prior)
         if replayed and idempotency and prior.decode() != idempotency.fingerprint:
             raise KeyReused(idempotency.key)
-        stored = [Stored(f"{epoch.decode()}-{seq}", e.channel) for e, seq in zip(events, seqs, strict=True)]
+        stored = [Stored(f"{epoch}-{seq}", e.channel) for e, seq in zip(events, seqs, strict=True)]
         return Published(stored, replayed)
 
     def ping(self) -> bool:

@@ -55,6 +55,12 @@ def _no_constants(name: str) -> Any:
     raise _bad(f"{name} is not valid JSON", "invalid_json")
 
 
+# Made once: json.loads and json.dumps with options build a new decoder or
+# encoder on every call.
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
 def parse_json(body: bytes) -> Any:
     """Parse a request body as strict JSON (UTF-8, no NaN, no duplicate keys)."""
     if not body.strip():
@@ -64,7 +70,9 @@ def parse_json(body: bytes) -> Any:
     except UnicodeDecodeError:
         raise _bad("the request body is not valid UTF-8", "invalid_json") from None
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        if text.startswith("\ufeff"):  # json.loads refuses it, with its own message
+            return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        return _DECODER.decode(text)
     except InvalidRequest:
         raise
     except RecursionError:
@@ -76,7 +84,7 @@ def parse_json(body: bytes) -> Any:
 def encode_data(data: Any, max_bytes: int) -> str:
     """Encode event data as compact JSON text, refusing what is too large."""
     try:
-        text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        text = _ENCODER.encode(data)
         size = len(text.encode("utf-8"))
     except RecursionError:
         raise _bad("data is nested too deeply") from None

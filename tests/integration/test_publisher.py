@@ -9,6 +9,8 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import socket
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -529,6 +531,35 @@ def test_no_request_body_causes_a_500(
     assert answer.status_code in (202, 400, 413, 415), (answer.status_code, answer.text)
     if answer.status_code != 202:
         assert_error(answer, answer.status_code)
+
+
+def test_keep_alive_connections_get_one_write_per_answer_and_do_not_hold_up_a_stop(
+    start: Callable[..., Service], channel: str
+) -> None:
+    pub = start("publisher", GRACEFUL_TIMEOUT="10")
+    body = json.dumps({"channel": channel, "data": 1}).encode()
+    request = (
+        b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    idle = []
+    for _ in range(5):
+        conn = socket.create_connection(("127.0.0.1", pub.port), timeout=15)
+        conn.sendall(request)
+        answer = conn.recv(65536)  # header block and body arrive in one segment
+        head, _, payload = answer.partition(b"\r\n\r\n")
+        assert b" 202 " in head.split(b"\r\n")[0] and b"Connection: keep-alive" in head
+        assert json.loads(payload)["channel"] == channel
+        idle.append(conn)
+    started = time.monotonic()
+    pub.stop()
+    # gunicorn would wait on each idle connection until GRACEFUL_TIMEOUT, then kill.
+    assert time.monotonic() - started < 5
+    assert pub.process.returncode == 0
+    for conn in idle:
+        assert conn.recv(1) == b""  # closed by the server, cleanly
+        conn.close()
+    assert "Traceback" not in pub.log() and "graceful timeout" not in pub.log()
 
 
 def test_the_publisher_log_has_no_unexpected_errors(publisher: Service) -> None:
