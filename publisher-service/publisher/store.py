@@ -44,18 +44,30 @@ end
 redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 local ttl = tonumber(ARGV[3])
-local seqs = {}
+-- One counter step for the whole request, then per event only XADD and PUBLISH;
+-- each channel's newest seq is read and written, and its stream's TTL set,
+-- once per request (a batch often holds several events of one channel).
+local n = #KEYS - 3
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', n) - n
+local seqs, newest, channels = {}, {}, {}
 for i = 4, #KEYS do
   local a = 6 + (i - 4) * 3
   local channel, event, data = ARGV[a], ARGV[a + 1], ARGV[a + 2]
-  local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-  local prev = redis.call('HGET', KEYS[2], channel) or '0'
-  redis.call('HSET', KEYS[2], channel, seq)
+  seq = seq + 1
+  local prev = newest[channel]
+  if prev == nil then
+    prev = redis.call('HGET', KEYS[2], channel) or '0'
+    channels[#channels + 1] = {channel, KEYS[i]}
+  end
+  newest[channel] = seq
   redis.call('XADD', KEYS[i], 'MAXLEN', '~', ARGV[2], seq .. '-0',
              'event', event, 'data', data, 'prev', prev)
-  if ttl > 0 then redis.call('EXPIRE', KEYS[i], ttl) end
   redis.call('PUBLISH', 'herald:live:' .. channel, epoch .. ' ' .. seq .. ' ' .. event .. ' ' .. data)
   seqs[#seqs + 1] = seq
+end
+for _, c in ipairs(channels) do
+  redis.call('HSET', KEYS[2], c[1], newest[c[1]])
+  if ttl > 0 then redis.call('EXPIRE', c[2], ttl) end
 end
 if ARGV[4] ~= '' then
   redis.call('HSET', KEYS[3], 'fingerprint', ARGV[4], 'epoch', epoch, 'seqs', table.concat(seqs, ','))
