@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -11,22 +12,44 @@ class ConfigError(ValueError):
     """An environment variable has a value the service cannot use."""
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+# --- conventions shared with the other service ---------------------------------
+# Both services parse settings by these same rules (tests/unit/test_conventions.py
+# fails when the two copies drift): a blank value means the default; numbers are
+# decimal (what float() reads, finite); whole-number settings must be whole
+# ("2.0" is 2, "1.5" is refused); durations are in seconds; lists are
+# comma-separated, blanks ignored.
+
+
+def _number(env: Mapping[str, str], name: str, default: float, minimum: float) -> float:
+    """A finite decimal number of at least `minimum`; `default` when blank."""
     raw = env.get(name, "").strip()
     if not raw:
         return default
     try:
-        value = int(raw)
+        value = float(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {raw!r}")
     if value < minimum:
-        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+        raise ConfigError(f"{name} must be at least {minimum:g}, got {raw}")
     return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+    """A whole number of at least `minimum`; `default` when blank."""
+    value = _number(env, name, default, minimum)
+    if value != int(value):
+        raise ConfigError(f"{name} must be a whole number, got {env.get(name, '').strip()!r}")
+    return int(value)
 
 
 def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     """A comma-separated list; blanks ignored."""
     return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
+
+
+# --- end of the shared conventions ----------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -53,15 +76,15 @@ class Config:
         return cls(
             redis_url=env.get("REDIS_URL", "").strip() or cls.redis_url,
             publish_tokens=tokens,
-            max_batch=_int(env, "MAX_BATCH", cls.max_batch),
-            max_event_bytes=_int(env, "MAX_EVENT_BYTES", cls.max_event_bytes),
-            max_body_bytes=_int(env, "MAX_BODY_BYTES", cls.max_body_bytes),
-            history_maxlen=_int(env, "HISTORY_MAXLEN", cls.history_maxlen),
-            history_ttl_seconds=_int(env, "HISTORY_TTL_SECONDS", cls.history_ttl_seconds, minimum=0),
-            redis_timeout_seconds=_int(env, "REDIS_TIMEOUT_MS", 2000) / 1000,
-            retry_after_seconds=_int(env, "RETRY_AFTER_SECONDS", cls.retry_after_seconds),
+            max_batch=_int(env, "MAX_BATCH", cls.max_batch, 1),
+            max_event_bytes=_int(env, "MAX_EVENT_BYTES", cls.max_event_bytes, 1),
+            max_body_bytes=_int(env, "MAX_BODY_BYTES", cls.max_body_bytes, 1),
+            history_maxlen=_int(env, "HISTORY_MAXLEN", cls.history_maxlen, 1),
+            history_ttl_seconds=_int(env, "HISTORY_TTL_SECONDS", cls.history_ttl_seconds, 0),
+            redis_timeout_seconds=_number(env, "REDIS_TIMEOUT_SECONDS", cls.redis_timeout_seconds, 0.001),
+            retry_after_seconds=_int(env, "RETRY_AFTER_SECONDS", cls.retry_after_seconds, 1),
             idempotency_window_seconds=_int(
-                env, "IDEMPOTENCY_WINDOW_SECONDS", cls.idempotency_window_seconds
+                env, "IDEMPOTENCY_WINDOW_SECONDS", cls.idempotency_window_seconds, 1
             ),
             cors_origins=_list(env, "CORS_ALLOWED_ORIGINS"),
         )

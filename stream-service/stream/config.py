@@ -12,7 +12,16 @@ class ConfigError(ValueError):
     """An environment variable has a value the service cannot use."""
 
 
+# --- conventions shared with the other service ---------------------------------
+# Both services parse settings by these same rules (tests/unit/test_conventions.py
+# fails when the two copies drift): a blank value means the default; numbers are
+# decimal (what float() reads, finite); whole-number settings must be whole
+# ("2.0" is 2, "1.5" is refused); durations are in seconds; lists are
+# comma-separated, blanks ignored.
+
+
 def _number(env: Mapping[str, str], name: str, default: float, minimum: float) -> float:
+    """A finite decimal number of at least `minimum`; `default` when blank."""
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -23,15 +32,24 @@ def _number(env: Mapping[str, str], name: str, default: float, minimum: float) -
     if not math.isfinite(value):
         raise ConfigError(f"{name} must be a finite number, got {raw!r}")
     if value < minimum:
-        raise ConfigError(f"{name} must be at least {minimum}, got {raw}")
+        raise ConfigError(f"{name} must be at least {minimum:g}, got {raw}")
     return value
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+    """A whole number of at least `minimum`; `default` when blank."""
     value = _number(env, name, default, minimum)
     if value != int(value):
         raise ConfigError(f"{name} must be a whole number, got {env.get(name, '').strip()!r}")
     return int(value)
+
+
+def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """A comma-separated list; blanks ignored."""
+    return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
+
+
+# --- end of the shared conventions ----------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -71,7 +89,5 @@ class Config:
             subscribe_secret=env.get("SUBSCRIBE_SECRET", ""),
             private_prefix=env.get("PRIVATE_CHANNEL_PREFIX", cls.private_prefix),
             token_cookie=env.get("SUBSCRIBE_TOKEN_COOKIE", "").strip() or cls.token_cookie,
-            cors_origins=tuple(
-                o.strip() for o in env.get("CORS_ALLOWED_ORIGINS", "").split(",") if o.strip()
-            ),
+            cors_origins=_list(env, "CORS_ALLOWED_ORIGINS"),
         )

@@ -6,9 +6,12 @@ import logging
 import uuid
 from typing import Any
 
-from flask import Flask, Response, g, has_request_context, request
+from flask import Flask, Response, has_request_context, request
 from gunicorn.glogging import Logger
 from pythonjsonlogger.json import JsonFormatter
+
+# Where a request's id is kept: in its WSGI environ, which lives exactly as long.
+REQUEST_ID_KEY = "herald.request_id"
 
 
 class GunicornLogger(Logger):  # type: ignore[misc]  # gunicorn ships no type hints
@@ -23,11 +26,20 @@ class GunicornLogger(Logger):  # type: ignore[misc]  # gunicorn ships no type hi
             super().access(resp, req, environ, request_time)
 
 
+def request_id() -> str:
+    """The current request's id: nginx's X-Request-ID, else a new one (made once)."""
+    environ = request.environ
+    rid: str | None = environ.get(REQUEST_ID_KEY)
+    if rid is None:
+        rid = environ[REQUEST_ID_KEY] = environ.get("HTTP_X_REQUEST_ID") or uuid.uuid4().hex
+    return rid
+
+
 class RequestIdFilter(logging.Filter):
     """Adds the current request's id to every record (None outside requests)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = g.get("request_id") if has_request_context() else None
+        record.request_id = request_id() if has_request_context() else None
         return True
 
 
@@ -68,13 +80,13 @@ def log_config(level: str, access_log: bool = False) -> dict[str, Any]:
 
 
 def init_app(app: Flask) -> None:
-    """Give every request an id: nginx's X-Request-ID, else a new one; echo it back."""
+    """Give every request an id: nginx's X-Request-ID, else a new one; echo it back.
 
-    @app.before_request
-    def _request_id() -> None:
-        g.request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+    The id is looked up when first needed (a log line, the answer's header)
+    rather than in a before_request hook.
+    """
 
     @app.after_request
     def _echo_request_id(response: Response) -> Response:
-        response.headers["X-Request-ID"] = g.get("request_id", "")
+        response.headers["X-Request-ID"] = request_id()
         return response

@@ -184,7 +184,7 @@ def test_logs_are_json_lines_with_the_request_id(start: Callable[..., Service], 
 def test_a_timed_out_publish_is_retried_exactly_once_with_its_idempotency_key(
     start: Callable[..., Service], stream: Service, redis_client: redis.Redis, channel: str
 ) -> None:
-    pub = start("publisher", REDIS_TIMEOUT_MS="500")
+    pub = start("publisher", REDIS_TIMEOUT_SECONDS="0.5")
     client = open_stream(stream.url, [channel])
     try:
         key = {"Idempotency-Key": uuid.uuid4().hex}

@@ -132,7 +132,7 @@ def test_publisher_values_are_read() -> None:
             "MAX_BODY_BYTES": " 2000 ",
             "HISTORY_MAXLEN": "10",
             "HISTORY_TTL_SECONDS": "60",
-            "REDIS_TIMEOUT_MS": "250",
+            "REDIS_TIMEOUT_SECONDS": "0.25",
             "RETRY_AFTER_SECONDS": "7",
         }
     )
@@ -174,11 +174,10 @@ def test_publish_token_is_a_comma_separated_list(value: str, tokens: tuple[str, 
         "MAX_EVENT_BYTES",
         "MAX_BODY_BYTES",
         "HISTORY_MAXLEN",
-        "REDIS_TIMEOUT_MS",
         "RETRY_AFTER_SECONDS",
     ],
 )
-@pytest.mark.parametrize("value", ["abc", "1.5", "0", "-1", "1e3", "nan", "0x10"])
+@pytest.mark.parametrize("value", ["abc", "1.5", "0", "-1", "nan", "inf", "0x10"])
 def test_publisher_bad_values_name_the_variable(name: str, value: str) -> None:
     with pytest.raises(PublisherConfigError, match=name):
         PublisherConfig.from_env({name: value})
