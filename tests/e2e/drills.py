@@ -47,6 +47,7 @@ from urllib.parse import urlencode
 import requests
 
 from tests.e2e.support import Stack, seq_of, wait_until
+from tests.support.sse import Event, SSEParser
 
 # -- small utilities ----------------------------------------------------------------
 
@@ -333,57 +334,30 @@ class Subscriber:
     reconnect_times: list[float] = field(default_factory=list)  # end -> next 200, s
     stalls: int = 0  # streams silent for longer than the read timeout (heartbeats included)
     open: bool = False  # a stream is open right now
-    _buf: bytes = b""
+    parser: SSEParser = field(default_factory=SSEParser)
 
     def feed(self, data: bytes, now: float) -> None:
-        """Parse SSE bytes (WHATWG rules; Herald ends lines with LF)."""
-        buf = self._buf + data
-        if b"\r" in buf:
-            keep = buf.endswith(b"\r")
-            buf = buf.replace(b"\r\n", b"\n")
-            if keep:
-                buf, tail = buf[:-1], b"\r"
-            else:
-                tail = b""
-        else:
-            tail = b""
-        frames = buf.split(b"\n\n")
-        self._buf = frames.pop() + tail
-        for frame in frames:
-            self._frame(frame, now)
+        """Take the next bytes of the stream (parsed by tests.support.sse)."""
+        for frame in self.parser.feed(data):
+            if self.parser.retry is not None:
+                self.retry = self.parser.retry / 1000
+            self.last_id = self.parser.last_event_id or None
+            if frame.event is not None:
+                self._event(frame.event, now)
 
-    def _frame(self, frame: bytes, now: float) -> None:
-        event = b"message"
-        data: list[bytes] = []
-        for line in frame.split(b"\n"):
-            if not line or line.startswith(b":"):
-                continue
-            name, _, value = line.partition(b":")
-            if value.startswith(b" "):
-                value = value[1:]
-            if name == b"data":
-                data.append(value)
-            elif name == b"id":
-                if b"\0" not in value:
-                    self.last_id = value.decode()
-            elif name == b"event":
-                event = value
-            elif name == b"retry" and value.isdigit():
-                self.retry = int(value) / 1000
-        if not data:
-            return
-        payload = b"\n".join(data)
-        if event == b"tick" and self.last_id:
-            body = json.loads(payload)
-            self.seqs.append(seq_of(self.last_id))
+    def _event(self, event: Event, now: float) -> None:
+        if event.event == "tick" and event.id:
+            body = json.loads(event.data)
+            self.seqs.append(event.seq)
             self.numbers.append(int(body["n"]))
             self.received_at.append(now)
             self.sent_at.append(float(body["t"]))
         else:
-            self.others.append(f"{event.decode()} {self.last_id} {payload[:200].decode(errors='replace')}")
+            self.others.append(f"{event.event} {event.id} {event.data[:200]}")
 
     def reset_parser(self) -> None:
-        self._buf = b""
+        """A new connection: what the old one left unfinished is dropped."""
+        self.parser.reconnect()
 
 
 class SubscriberPool(threading.Thread):

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from sseclient import SSEClient
+
+from tests.support.sse import Event, Frame, SSEParser
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -223,65 +224,31 @@ class Stack:
         )
 
 
-# --- a raw SSE frame reader (for the handshake, heartbeats and timing) ----------
-
-
-@dataclass
-class Frame:
-    """One SSE frame as sent: comment lines and fields, with its arrival time."""
-
-    comments: list[str] = field(default_factory=list)
-    fields: dict[str, str] = field(default_factory=dict)
-    data: list[str] = field(default_factory=list)
-    at: float = 0.0
-
-
-def iter_frames(response: requests.Response, timeout: float = 30) -> Iterator[Frame]:
-    """Frames of an SSE response, as they arrive (blank line = end of frame).
-
-    Fails once `timeout` seconds have passed: heartbeats alone never make a
-    reader wait forever for a frame that does not come."""
-    deadline = time.monotonic() + timeout
-    frame = Frame()
-    buffer = b""
-    for chunk in response.iter_content(chunk_size=None):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"stream frames: still reading after {timeout} s")
-        buffer += chunk
-        while True:
-            cut = min((i for i in (buffer.find(b"\n"), buffer.find(b"\r")) if i >= 0), default=-1)
-            if cut < 0:
-                break
-            line = buffer[:cut].decode("utf-8")
-            step = 2 if buffer[cut : cut + 2] == b"\r\n" else 1
-            buffer = buffer[cut + step :]
-            if line == "":
-                if frame.comments or frame.fields or frame.data:
-                    frame.at = time.monotonic()
-                    yield frame
-                frame = Frame()
-            elif line.startswith(":"):
-                frame.comments.append(line[1:].strip())
-            else:
-                name, _, value = line.partition(":")
-                value = value[1:] if value.startswith(" ") else value
-                if name == "data":
-                    frame.data.append(value)
-                else:
-                    frame.fields[name] = value
+# --- reading streams (parsed by tests.support.sse) ---------------------------------
 
 
 def bounded_chunks(response: requests.Response, deadline: float) -> Iterator[bytes]:
-    """The body's chunks as they arrive, failing once `deadline` (monotonic) passed."""
+    """The body's chunks as they arrive, failing once `deadline` (monotonic) passed.
+
+    Heartbeats alone never make a reader wait forever for a frame that does not come."""
     for chunk in response.iter_content(chunk_size=None):
         if time.monotonic() > deadline:
             raise AssertionError("stream: read past the deadline")
         yield chunk
 
 
-def sse_events(response: requests.Response, timeout: float = 30) -> Iterator[Any]:
-    """Events of a stream, parsed by sseclient-py, within `timeout` seconds."""
-    return SSEClient(bounded_chunks(response, time.monotonic() + timeout)).events()
+def iter_frames(response: requests.Response, timeout: float = 30) -> Iterator[Frame]:
+    """Frames of an SSE response as they arrive (comments, fields, data, arrival time)."""
+    parser = SSEParser()
+    for chunk in bounded_chunks(response, time.monotonic() + timeout):
+        yield from parser.feed(chunk)
+
+
+def sse_events(response: requests.Response, timeout: float = 30) -> Iterator[Event]:
+    """The events a browser would dispatch from this stream, within `timeout` seconds."""
+    for frame in iter_frames(response, timeout):
+        if frame.event is not None:
+            yield frame.event
 
 
 def until_live(frames: Iterator[Frame]) -> Frame:
@@ -295,7 +262,7 @@ def until_live(frames: Iterator[Frame]) -> Frame:
     raise AssertionError("the stream ended before its preamble")
 
 
-# --- a resuming client built on sseclient-py ---------------------------------
+# --- a resuming client ----------------------------------------------------------
 
 
 @dataclass
@@ -309,7 +276,7 @@ class Received:
 class ResumingClient(threading.Thread):
     """Reads a stream like a browser would: on any end or error it reconnects
     with Last-Event-ID set to the last id it received (first connection:
-    ?lastEventId=start_id). Parsing is sseclient-py's. Stops after `expected`
+    ?lastEventId=start_id). Stops after `expected`
     events, on stop(), or at `deadline` (monotonic)."""
 
     def __init__(
@@ -370,8 +337,8 @@ class ResumingClient(threading.Thread):
                 if self.connections > 1:
                     self.reopened_at.append(time.monotonic())
                 self.connected.set()
-                for event in SSEClient(bounded_chunks(response, self.deadline)).events():
-                    received = Received(event.id or "", event.event, event.data, time.monotonic())
+                for event in sse_events(response, self.deadline - time.monotonic()):
+                    received = Received(event.id, event.event, event.data, time.monotonic())
                     self.events.append(received)
                     if event.id:
                         last = event.id

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.e2e
 
 
 def test_published_event_reaches_an_sse_client(stack: Stack, channel: str) -> None:
-    """A third-party SSE client (sseclient-py) gets the event with its id, type and data."""
+    """An SSE client gets the event with its id, type and data."""
     first = stack.publish(channel, {"n": 0}, event="warmup")
     response = stack.open_stream([channel], query_id=first)
     try:

@@ -1,4 +1,4 @@
-"""A small SSE client for tests: one thread per stream, parsing per the WHATWG rules.
+"""A small SSE client for tests: one thread per stream, parsed by tests.support.sse.
 
 It records every event with its id, type and data, the last event id (id-only
 frames included), comments, and how the stream ended, so tests can assert on
@@ -9,27 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import json
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-
-@dataclass(frozen=True)
-class SSEEvent:
-    id: str
-    event: str
-    data: str
-
-    @property
-    def seq(self) -> int:
-        return int(self.id.rsplit("-", 1)[1])
-
-    def json(self) -> Any:
-        return json.loads(self.data)
+from tests.support.sse import Event, SSEParser
 
 
 def stream_url(base: str, channels: list[str], last_event_id: str | None = None) -> str:
@@ -47,7 +33,7 @@ class SSEClient:
     headers: dict[str, str] = field(default_factory=dict)
     status: int | None = None
     response_headers: dict[str, str] = field(default_factory=dict)
-    events: list[SSEEvent] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
     comments: list[str] = field(default_factory=list)
     retry: int | None = None
     last_id: str = ""
@@ -89,39 +75,20 @@ class SSEClient:
             self._end(f"error: {exc!r}")
 
     def _parse(self, response: http.client.HTTPResponse) -> None:
-        data: list[str] = []
-        event = ""
-        pending_id: str | None = None
-        while True:
-            line_b = response.readline()
-            if not line_b:
-                return
-            self.raw += line_b
-            line = line_b.decode("utf-8").rstrip("\r\n")
-            if line == "":
-                with self._cond:
-                    if pending_id is not None:
-                        self.last_id = pending_id
-                    if data:
-                        self.events.append(SSEEvent(self.last_id, event or "message", "\n".join(data)))
-                    self._cond.notify_all()
-                data, event, pending_id = [], "", None
-                continue
-            if line.startswith(":"):
-                with self._cond:
-                    self.comments.append(line[1:].strip())
-                    self._cond.notify_all()
-                continue
-            name, _, value = line.partition(":")
-            value = value[1:] if value.startswith(" ") else value
-            if name == "data":
-                data.append(value)
-            elif name == "event":
-                event = value
-            elif name == "id" and "\0" not in value:
-                pending_id = value
-            elif name == "retry" and value.isdigit():
-                self.retry = int(value)
+        parser = SSEParser()
+        # readline, not read1: http.client's read1 of a chunked body can fail
+        # mid-stream with IncompleteRead; the parser takes the bytes in any split.
+        while chunk := response.readline():
+            frames = parser.feed(chunk)
+            with self._cond:
+                self.raw += chunk
+                for frame in frames:
+                    self.comments.extend(frame.comments)
+                    if frame.event is not None:
+                        self.events.append(frame.event)
+                self.last_id = parser.last_event_id
+                self.retry = parser.retry
+                self._cond.notify_all()
 
     def _end(self, how: str) -> None:
         with self._cond:
@@ -140,7 +107,7 @@ class SSEClient:
                 self._cond.wait(remaining)
         return True
 
-    def wait_events(self, count: int, timeout: float = 10) -> list[SSEEvent]:
+    def wait_events(self, count: int, timeout: float = 10) -> list[Event]:
         """Wait until at least `count` events arrived; fail the test otherwise."""
         if not self.wait_for(lambda: len(self.events) >= count or self.ended is not None, timeout):
             raise AssertionError(f"got {len(self.events)} of {count} events after {timeout} s")
