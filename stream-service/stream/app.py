@@ -8,7 +8,7 @@ import logging
 import re
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import gevent
@@ -20,7 +20,7 @@ from . import logs, metrics, sse
 from .auth import AccessDenied, authorize, find_token
 from .config import Config
 from .history import BadEventId, History, Position
-from .hub import Hub, Unavailable, event_frame, reset_epoch, reset_frame
+from .hub import Full, Hub, Unavailable, event_frame, reset_epoch, reset_frame
 from .subscriber import CONTROL, RAW, Subscriber, chunk
 
 log = logging.getLogger("herald.stream")
@@ -117,6 +117,30 @@ def cors_headers(origin: str | None, allowed: tuple[str, ...]) -> dict[str, str]
     return {}
 
 
+class Body:
+    """A stream's response body: the frames of `frames`, and `on_close` run exactly
+    once when the server closes the body, even one it never started to read
+    (a generator's own `finally` does not run then)."""
+
+    def __init__(self, frames: Iterator[bytes], on_close: Callable[[], None]) -> None:
+        self._frames = frames
+        self._on_close: Callable[[], None] | None = on_close
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        return next(self._frames)
+
+    def close(self) -> None:
+        on_close, self._on_close = self._on_close, None
+        try:
+            self._frames.close()  # type: ignore[attr-defined]
+        finally:
+            if on_close is not None:
+                on_close()
+
+
 class Streamer:
     """Opens streams: attach to the hub, replay what the client missed, then go live."""
 
@@ -136,13 +160,19 @@ class Streamer:
             sub.sock = getattr(sock, "_sock", None)
             sub.chunked = request.environ.get("SERVER_PROTOCOL") == "HTTP/1.1"
         start, not_live = self._hub.attach(sub)
+        # From here on the stream is attached: whatever fails, it is detached
+        # (here, or by the body's close(), which the server calls in every case).
         try:
             head, replay, floor, epoch = self._catch_up(sub, start, last, not_live)
+            watcher = watch_disconnect(sock, sub)
+            body = self._body(sub, head, replay, (epoch, floor), watcher, sock, expires)
         except redis.RedisError as exc:
             self._hub.detach(sub)
             raise Unavailable(f"history could not be read: {exc}") from exc
-        watcher = watch_disconnect(sock, sub)
-        return self._body(sub, head, replay, (epoch, floor), watcher, sock, expires)
+        except BaseException:
+            self._hub.detach(sub)
+            raise
+        return Body(body, lambda: self._hub.detach(sub))
 
     def _catch_up(
         self, sub: Subscriber, start: Position, last: Position | None, not_live: bool
@@ -327,18 +357,22 @@ def create_app(config: Config | None = None) -> Flask:
         except AccessDenied as exc:
             challenge = {"WWW-Authenticate": 'Bearer realm="herald"'} if exc.status == 401 else {}
             return error(exc.status, exc.code, exc.message, challenge)
-        if hub.clients >= config.max_connections:
-            return error(503, "too_many_connections", "this worker is at its connection limit", unavailable)
         headers = {
             "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no",
             **cors_headers(request.headers.get("Origin"), config.cors_origins),
         }
         if request.method == "HEAD":
+            if hub.clients >= config.max_connections:
+                return error(
+                    503, "too_many_connections", "this worker is at its connection limit", unavailable
+                )
             # An empty iterable, not b"": no Content-Length of 0 (a GET has none).
             return Response(iter(()), mimetype="text/event-stream", headers=headers)
         try:
             body = streamer.open(channels, last, grant.expires)
+        except Full as exc:
+            return error(503, "too_many_connections", str(exc), unavailable)
         except Unavailable as exc:
             return error(503, "unavailable", str(exc), unavailable)
         return Response(body, mimetype="text/event-stream", headers=headers)

@@ -28,7 +28,7 @@ from redis.connection import ConnectionInterface, ConnectionPool
 from . import metrics, sse
 from .config import Config
 from .history import META_KEY, History, HistoryEvent, Position, new_epoch
-from .subscriber import CONTROL, Subscriber, chunk
+from .subscriber import CONTROL, Push, Subscriber, chunk
 
 log = logging.getLogger("herald.stream.hub")
 
@@ -37,6 +37,13 @@ LIVE_PREFIX = b"herald:live:"
 
 class Unavailable(Exception):
     """The hub cannot serve a new client now (Redis unreachable, shutting down)."""
+
+
+class Full(Unavailable):
+    """The worker holds MAX_CONNECTIONS streams already."""
+
+    def __init__(self) -> None:
+        super().__init__("this worker is at its connection limit")
 
 
 class WatchdogExpired(Exception):
@@ -92,7 +99,6 @@ class Hub:
         # Bytes dispatched since the hub last let clients run; see _yield_if_busy.
         self._burst = 0
         self._burst_limit = max(config.client_buffer_bytes // 4, 1)
-        self.stats = {"delivered": 0, "dropped_slow": 0, "reconnects": 0, "resets": 0, "resumes": 0}
 
     # -- life cycle -------------------------------------------------------
 
@@ -128,17 +134,19 @@ class Hub:
             "connected": self.connected,
             "epoch": self.epoch,
             "position": self.position,
-            **self.stats,
+            "delivered": metrics.this_worker(metrics.DELIVERED),
+            "dropped_slow": metrics.this_worker(metrics.DROPPED_SLOW),
+            "reconnects": metrics.this_worker(metrics.RECONNECTS),
+            "resets": metrics.this_worker(metrics.RESETS),
+            "resumes": metrics.this_worker(metrics.RESUMES),
         }
 
     def note_resume(self) -> None:
         """Count a stream opened with a last event id (for /stats and /metrics)."""
-        self.stats["resumes"] += 1
         metrics.RESUMES.inc()
 
     def note_resets(self, reason: str, count: int = 1) -> None:
         """Count reset events sent to clients (for /stats and /metrics)."""
-        self.stats["resets"] += count
         metrics.RESETS.labels(reason).inc(count)
 
     # -- clients ----------------------------------------------------------
@@ -148,10 +156,25 @@ class Hub:
 
         Returns the position from which the hub delivers to it, and whether any
         of its channels was not live yet (events published on those before the
-        subscription took effect must come from history).
+        subscription took effect must come from history). Raises Full when the
+        worker holds MAX_CONNECTIONS streams, Unavailable when it cannot serve;
+        either way `sub` is not attached then.
         """
         if self._stopping:
             raise Unavailable("the worker is shutting down")
+        if len(self._all) >= self._config.max_connections:
+            raise Full()
+        # The slot is taken before anything waits: streams opened together
+        # (during a reconnect, say) cannot all pass the limit.
+        self._all.add(sub)
+        metrics.CLIENTS.inc()
+        try:
+            return self._subscribe(sub)
+        except BaseException:
+            self.detach(sub)
+            raise
+
+    def _subscribe(self, sub: Subscriber) -> tuple[Position, bool]:
         self.start()
         deadline = time.monotonic() + self._config.subscribe_timeout_seconds
         if not self._wait(lambda: self.connected, deadline):
@@ -169,21 +192,21 @@ class Hub:
                 subs = self._subs[key] = set()
                 new.append(key)
             subs.add(sub)
-        self._all.add(sub)
         start = Position(self.epoch, self.position)
         to_send = [k for k in new if k not in self._pending]
         if to_send:
             for key in to_send:
                 self._pending[key] = self._pending.get(key, 0) + 1
             self._send_quietly("SUBSCRIBE", *to_send)
-        metrics.CLIENTS.inc()
         if not self._wait(lambda: all(k in self._active for k in keys), deadline):
-            self.detach(sub)
             raise Unavailable("the subscription did not take effect in time")
         return start, not_live
 
     def detach(self, sub: Subscriber) -> None:
-        """Forget `sub`; unsubscribe channels it was the last local client of."""
+        """Forget `sub` (once; later calls do nothing); unsubscribe channels it
+        was the last local client of."""
+        if sub not in self._all:
+            return
         self._all.discard(sub)
         metrics.CLIENTS.dec()
         gone = []
@@ -234,7 +257,6 @@ class Hub:
                 self._disconnect()
             if self._stopping:
                 break
-            self.stats["reconnects"] += 1
             metrics.RECONNECTS.inc()
             gevent.sleep(backoff * random.uniform(0.5, 1.0))
             backoff = min(backoff * 2, 2.0)
@@ -395,14 +417,12 @@ class Hub:
             return
         self._burst += len(frame)
         framed = chunk(frame)  # once for every subscriber the hub writes to directly
-        dropped = 0
-        for sub in subs:
-            if not sub.push(seq, frame, framed):
-                dropped += 1
-        self.stats["delivered"] += len(subs) - dropped
-        metrics.DELIVERED.inc(len(subs) - dropped)
+        outcomes = [sub.push(seq, frame, framed) for sub in subs]
+        delivered = outcomes.count(Push.DELIVERED)
+        if delivered:
+            metrics.DELIVERED.inc(delivered)
+        dropped = outcomes.count(Push.DROPPED)
         if dropped:
-            self.stats["dropped_slow"] += dropped
             metrics.DROPPED_SLOW.inc(dropped)
 
     def _yield_if_busy(self) -> None:

@@ -20,12 +20,23 @@ from prometheus_client import (
 )
 
 CLIENTS = Gauge("herald_stream_clients", "Open SSE streams.", multiprocess_mode="livesum")
-DELIVERED = Counter("herald_events_delivered_total", "Events queued to clients (one per client).")
+DELIVERED = Counter(
+    "herald_events_delivered_total", "Events written or queued to live clients (one per client)."
+)
 RECEIVED = Counter("herald_events_received_total", "Events received from Redis Pub/Sub.")
 DROPPED_SLOW = Counter("herald_slow_clients_dropped_total", "Clients dropped for falling behind.")
 RESUMES = Counter("herald_resumes_total", "Streams opened with a last event id.")
 RESETS = Counter("herald_resets_total", "Reset events sent, by reason.", ["reason"])
 RECONNECTS = Counter("herald_redis_reconnects_total", "Reconnections of the Pub/Sub connection.")
+
+
+def this_worker(counter: Counter) -> int:
+    """This worker's own count (every label together): what /stats reports.
+
+    The counters are the one record of what happened; /metrics adds up every
+    worker's values, /stats shows the answering worker's.
+    """
+    return int(sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total")))
 
 
 def init_app(app: Flask) -> None:

@@ -13,6 +13,7 @@ client is.
 
 from __future__ import annotations
 
+import enum
 import errno
 import socket
 from collections import deque
@@ -27,6 +28,14 @@ from greenlet import greenlet
 CONTROL = -1
 # Bytes already framed for the socket (the rest of a partial write): written first, as is.
 RAW = -2
+
+
+class Push(enum.Enum):
+    """What became of a frame handed to a client."""
+
+    DELIVERED = "delivered"  # written to its socket, or queued for it while it is live
+    GONE = "gone"  # the client is ending or has hung up: nothing was done
+    DROPPED = "dropped"  # it put the client too far behind: the client is cut
 
 
 def chunk(data: bytes) -> bytes:
@@ -68,18 +77,20 @@ class Subscriber:
         self.direct = False
         self.last = 0  # the last sequence number sent
 
-    def push(self, seq: int, frame: bytes, framed: bytes | None = None) -> bool:
-        """Send or queue a frame; False if it put the client too far behind (dropped).
+    def push(self, seq: int, frame: bytes, framed: bytes | None = None) -> Push:
+        """Send or queue a frame, and say what became of it.
 
         `framed` is `frame` as a chunk, built once by the caller for everyone.
         """
         if self.closed:
-            return True  # already ending; nothing more to count
+            return Push.GONE
         if self.direct and seq > self.last:
             self.last = seq
             rest = self._send((framed or chunk(frame)) if self.chunked else frame)
+            if self.closed:
+                return Push.GONE  # the write found the client gone
             if not rest:
-                return True
+                return Push.DELIVERED
             seq, frame = RAW, rest
         return self._queue(seq, frame)
 
@@ -101,16 +112,16 @@ class Subscriber:
             return b""
         return data[sent:]
 
-    def _queue(self, seq: int, frame: bytes) -> bool:
+    def _queue(self, seq: int, frame: bytes) -> Push:
         self.direct = False  # queued bytes go first: the client's greenlet writes them
         self._items.append((seq, frame))
         self._bytes += len(frame)
         if self._bytes > self._limit:
             self.close("slow", cut=True)
-            return False
+            return Push.DROPPED
         if len(self._items) == 1:
             self._wakeup.set()  # the greenlet waits only when the queue is empty
-        return True
+        return Push.DELIVERED
 
     @property
     def pending(self) -> bool:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
@@ -135,3 +137,23 @@ def test_only_get_opens_a_stream(stream: Service, channel: str) -> None:
     finally:
         client.close()
     assert eventually(lambda: stats(stream)["clients"] == 0, timeout=5)
+
+
+def test_connection_limit_holds_for_streams_opened_together(
+    start: Callable[..., Service], channel: str
+) -> None:
+    # A fresh worker: every stream waits for the hub's first connection to Redis,
+    # so all of them are in flight at once; only MAX_CONNECTIONS may get through.
+    service = start("stream", MAX_CONNECTIONS="2")
+    with ThreadPoolExecutor(8) as pool:
+        clients = list(pool.map(lambda _: open_stream(service.url, [channel]), range(8)))
+    try:
+        statuses = sorted(c.status or 0 for c in clients)
+        assert statuses == [200, 200] + [503] * 6, statuses
+        refused = [c for c in clients if c.status == 503]
+        assert all(json.loads(c.body)["error"] == "too_many_connections" for c in refused)
+        assert stats(service)["clients"] == 2
+    finally:
+        for client in clients:
+            client.close()
+    assert eventually(lambda: stats(service)["clients"] == 0, timeout=5)

@@ -6,7 +6,7 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-from stream.subscriber import CONTROL, RAW, Subscriber, chunk
+from stream.subscriber import CONTROL, RAW, Push, Subscriber, chunk
 
 
 @pytest.fixture
@@ -31,7 +31,7 @@ def test_live_client_gets_events_without_queueing(pair: tuple[socket.socket, soc
     server, client = pair
     sub = live(Subscriber(["a"], 1024), server)
     frame = b"id: e-1\ndata: 1\n\n"
-    assert sub.push(1, frame, chunk(frame))
+    assert sub.push(1, frame, chunk(frame)) is Push.DELIVERED
     assert not sub.pending and sub.direct and sub.last == 1
     assert client.recv(100) == chunk(frame)
 
@@ -43,7 +43,7 @@ def test_partial_write_queues_the_rest_and_hands_over_to_the_greenlet(
     server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     sub = live(Subscriber(["a"], 10_000_000), server)
     big = b"data: " + b"x" * 1_000_000 + b"\n\n"
-    assert sub.push(1, big, chunk(big))
+    assert sub.push(1, big, chunk(big)) is Push.DELIVERED  # partly written, the rest queued
     assert not sub.direct and sub.pending
     later = b"data: 2\n\n"
     sub.push(2, later)
@@ -55,10 +55,10 @@ def test_partial_write_queues_the_rest_and_hands_over_to_the_greenlet(
 
 def test_a_client_too_far_behind_is_dropped(pair: tuple[socket.socket, socket.socket]) -> None:
     sub = Subscriber(["a"], 100)
-    assert sub.push(1, b"x" * 60)
-    assert not sub.push(2, b"x" * 60)
+    assert sub.push(1, b"x" * 60) is Push.DELIVERED
+    assert sub.push(2, b"x" * 60) is Push.DROPPED
     assert sub.closed == "slow"
-    assert sub.push(3, b"x")  # a closed client counts nothing more
+    assert sub.push(3, b"x") is Push.GONE  # a closed client counts nothing more
     assert sub.take(0) == []
 
 
@@ -77,6 +77,7 @@ def test_a_vanished_peer_closes_the_subscriber(pair: tuple[socket.socket, socket
     server, client = pair
     client.close()
     sub = live(Subscriber(["a"], 1024), server)
-    sub.push(1, b"data: 1\n\n")
-    sub.push(2, b"data: 2\n\n")
+    # The write that finds the peer gone is not a delivery, nor is any after it.
+    assert sub.push(1, b"data: 1\n\n") is Push.GONE
+    assert sub.push(2, b"data: 2\n\n") is Push.GONE
     assert sub.closed == "gone"
