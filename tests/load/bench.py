@@ -756,11 +756,19 @@ def machine(load_average: tuple[float, float, float]) -> dict[str, Any]:
     }
 
 
+def default_paths() -> tuple[str, ...]:
+    """Both paths; only via docker-proxy when not root (entering nginx's netns needs root)."""
+    if os.geteuid() == 0:
+        return COMPOSE_PATHS
+    log("bench: not root, so measuring via docker-proxy only (--path netns needs root)")
+    return ("proxy",)
+
+
 def start(args: argparse.Namespace, sizes: Sizes, tmp: Path, nofile: int) -> BenchStack:
     """The stack of the chosen mode, up and ready."""
     max_connections = max(10000, sizes.idle_connections + 500)
     if args.mode == "compose":
-        paths = tuple(dict.fromkeys(args.path or COMPOSE_PATHS))
+        paths = tuple(dict.fromkeys(args.path or default_paths()))
         return start_compose(tmp, max_connections=max_connections, paths=paths)
     return start_stack(
         tmp,
