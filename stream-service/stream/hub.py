@@ -221,6 +221,10 @@ class Hub:
                 if key in self._active:
                     self._active.discard(key)
                     gone.append(key)
+                elif self._filling and key not in self._pending:
+                    # Confirmed during a reconnect while the gap is being filled:
+                    # subscribed in Redis, though not active yet.
+                    gone.append(key)
                 # A channel still pending is unsubscribed when its confirmation arrives.
         if gone:
             self._send_quietly("UNSUBSCRIBE", *gone)
