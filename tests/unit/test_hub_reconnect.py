@@ -6,15 +6,19 @@ script `read_response`; the commands the hub sends are recorded.
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import pytest
 from gevent.lock import Semaphore
 from stream.config import Config
-from stream.history import Position, Replay
-from stream.hub import LIVE_PREFIX, Hub
+from stream.history import HistoryEvent, Position, Replay
+from stream.hub import LIVE_PREFIX, Hub, Unavailable
 from stream.subscriber import Subscriber
+
+from tests.support.sse import SSEParser
 
 EPOCH = "0123456789ab"
 
@@ -53,8 +57,9 @@ class ScriptedPool:
 class Pipeline:
     """`_meta`'s transaction: HSETNX, then HMGET epoch seq."""
 
-    def __init__(self, seq: int) -> None:
+    def __init__(self, seq: int, epoch: str) -> None:
         self.seq = seq
+        self.epoch = epoch
 
     def hsetnx(self, *args: Any) -> None:
         pass
@@ -63,28 +68,33 @@ class Pipeline:
         pass
 
     def execute(self) -> list[Any]:
-        return [0, [EPOCH.encode(), str(self.seq).encode()]]
+        return [0, [self.epoch.encode(), str(self.seq).encode()]]
 
 
 class Commands:
-    def __init__(self, seq: int) -> None:
+    """The hub's command client: only `_meta`'s pipeline is used on reconnect."""
+
+    def __init__(self, seq: int, epoch: str = EPOCH) -> None:
         self.seq = seq
+        self.epoch = epoch
 
     def pipeline(self, transaction: bool = True) -> Pipeline:
-        return Pipeline(self.seq)
+        return Pipeline(self.seq, self.epoch)
 
 
 class ScriptedHistory:
     """History reads that run `during` first: what happens while the hub waits on Redis."""
 
-    def __init__(self, during: Callable[[], None]) -> None:
+    def __init__(self, during: Callable[[], None], events: Sequence[HistoryEvent] = ()) -> None:
         self.during = during
+        self.events = list(events)
         self.reads: list[tuple[list[str], Position]] = []
 
     def read(self, channels: Sequence[str], after: Position, *, check: bool = True) -> Replay:
         self.reads.append((list(channels), after))
         self.during()
-        return Replay(after.epoch, after.seq)
+        newest = max([after.seq] + [e.seq for e in self.events])
+        return Replay(after.epoch, newest, [e for e in self.events if e.seq > after.seq])
 
 
 def resumed_hub(conn: ScriptedConnection, history: ScriptedHistory, channel: str) -> tuple[Hub, Subscriber]:
@@ -125,3 +135,85 @@ def test_a_client_staying_through_the_replay_stays_subscribed() -> None:
 
     assert conn.sent == [("SUBSCRIBE", key)]
     assert key in hub._active and hub.clients == 1
+
+
+# --- what clients receive: held, replayed and live events; epochs; shutdown ----------
+
+
+def message(channel: str, seq: int, data: str, epoch: str = EPOCH) -> list[Any]:
+    """A Pub/Sub message as the publish script sends it: `<epoch> <seq> <event> <data>`."""
+    return [b"message", LIVE_PREFIX + channel.encode(), f"{epoch} {seq} message {data}".encode()]
+
+
+def received(sub: Subscriber) -> list[tuple[str, str, str]]:
+    """(id, event, data) of every event queued for `sub`, parsed as a browser would."""
+    parser = SSEParser()
+    frames = parser.feed(b"".join(frame for _, frame in sub.take(0)))
+    return [(f.event.id, f.event.event, f.event.data) for f in frames if f.event is not None]
+
+
+def test_held_replayed_and_live_events_reach_a_client_once_each_in_order() -> None:
+    key = LIVE_PREFIX + b"orders"
+    # While the SUBSCRIBE is being confirmed, event 7 already arrives live (held
+    # back); history then holds 6 and 7; event 8 comes live afterwards.
+    conn = ScriptedConnection([message("orders", 7, '"seven"'), [b"subscribe", key, 1]])
+    replayed = [
+        HistoryEvent(6, "orders", b"message", b'"six"'),
+        HistoryEvent(7, "orders", b"message", b'"seven"'),
+    ]
+    history = ScriptedHistory(lambda: None, replayed)
+    hub, sub = resumed_hub(conn, history, "orders")
+
+    hub._connect()
+    hub._on_message(*message("orders", 8, '"eight"')[1:])
+
+    assert received(sub) == [
+        (f"{EPOCH}-6", "message", '"six"'),
+        (f"{EPOCH}-7", "message", '"seven"'),
+        (f"{EPOCH}-8", "message", '"eight"'),
+    ]
+    assert hub.position == 8
+
+
+def test_an_epoch_change_on_the_live_path_resets_every_client_first() -> None:
+    key = LIVE_PREFIX + b"orders"
+    conn = ScriptedConnection([[b"subscribe", key, 1]])
+    hub, sub = resumed_hub(conn, ScriptedHistory(lambda: None), "orders")
+    hub._connect()
+
+    new = "fedcba987654"
+    hub._on_message(*message("orders", 1, '"first of the new epoch"', epoch=new)[1:])
+
+    (reset, event) = received(sub)
+    assert reset[1] == "reset" and json.loads(reset[2]) == {"reason": "epoch_changed"}
+    assert reset[0] == f"{new}-0"  # the client continues from the start of the new epoch
+    assert event == (f"{new}-1", "message", '"first of the new epoch"')
+    assert hub.epoch == new
+
+
+def test_an_epoch_change_found_on_reconnect_resets_every_client() -> None:
+    key = LIVE_PREFIX + b"orders"
+    conn = ScriptedConnection([[b"subscribe", key, 1]])
+    history = ScriptedHistory(lambda: None)
+    hub, sub = resumed_hub(conn, history, "orders")
+    hub._commands = Commands(seq=3, epoch="fedcba987654")  # type: ignore[assignment]
+
+    hub._connect()
+
+    ((reset_id, kind, data),) = received(sub)
+    assert (kind, json.loads(data)) == ("reset", {"reason": "epoch_changed"})
+    assert reset_id == "fedcba987654-3"
+    assert history.reads == []  # nothing of the old epoch is replayed
+    assert (hub.epoch, hub.position) == ("fedcba987654", 3)
+
+
+def test_shutdown_ends_every_stream() -> None:
+    conn = ScriptedConnection([[b"subscribe", LIVE_PREFIX + b"orders", 1]])
+    hub, sub = resumed_hub(conn, ScriptedHistory(lambda: None), "orders")
+    hub._connect()
+
+    hub.shutdown()
+
+    assert sub.closed == "shutdown"
+    with pytest.raises(Unavailable, match="shutting down"):
+        hub.attach(Subscriber(["orders"], 1024))
