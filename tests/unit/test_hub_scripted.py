@@ -1,4 +1,4 @@
-"""The hub's reconnect, driven with scripted Redis replies (no Redis, no sockets).
+"""The hub driven with scripted Redis replies (no Redis, no sockets).
 
 The Pub/Sub connection is a script of replies, in the way redis-py's own tests
 script `read_response`; the commands the hub sends are recorded.
@@ -11,8 +11,10 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import gevent
 import pytest
 from gevent.lock import Semaphore
+from stream import metrics
 from stream.config import Config
 from stream.history import HistoryEvent, Position, Replay
 from stream.hub import LIVE_PREFIX, Hub, Unavailable
@@ -217,3 +219,57 @@ def test_shutdown_ends_every_stream() -> None:
     assert sub.closed == "shutdown"
     with pytest.raises(Unavailable, match="shutting down"):
         hub.attach(Subscriber(["orders"], 1024))
+
+
+# --- clients arriving and falling behind -------------------------------------------
+
+
+def connected_hub(conn: ScriptedConnection) -> Hub:
+    """A live hub with no clients yet, whose reader is not running (the test reads)."""
+    hub = Hub(Config(), Commands(seq=5), ScriptedHistory(lambda: None))  # type: ignore[arg-type]
+    hub._conn = conn  # type: ignore[assignment]
+    hub._send_lock = Semaphore()
+    hub._greenlet = gevent.getcurrent()  # type: ignore[assignment]  # start() spawns nothing
+    hub.epoch, hub._epoch_b, hub.position = EPOCH, EPOCH.encode(), 5
+    return hub
+
+
+def test_two_clients_racing_on_a_new_channel_share_one_subscribe() -> None:
+    key = LIVE_PREFIX + b"orders"
+    conn = ScriptedConnection([])
+    hub = connected_hub(conn)
+    first, second = Subscriber(["orders"], 1024), Subscriber(["orders"], 1024)
+    attaching = [gevent.spawn(hub.attach, first), gevent.spawn(hub.attach, second)]
+    gevent.sleep(0)  # both are now waiting for the subscription
+
+    assert conn.sent == [("SUBSCRIBE", key)]
+    assert hub.clients == 2 and not any(g.ready() for g in attaching)
+    hub._on_control([b"subscribe", key, 1])
+    gevent.joinall(attaching, timeout=1, raise_error=True)
+
+    # Both start at the hub's position, and both read the gap from history
+    # (the channel was not live before them).
+    assert [g.value for g in attaching] == [(Position(EPOCH, 5), True)] * 2
+    assert key in hub._active and not hub._pending
+
+
+def test_a_client_that_falls_too_far_behind_is_cut_and_counted() -> None:
+    key = LIVE_PREFIX + b"orders"
+    conn = ScriptedConnection([])
+    hub = connected_hub(conn)
+    hub._active.add(key)
+    slow, fine = Subscriber(["orders"], 200), Subscriber(["orders"], 10_000)
+    for sub in (slow, fine):
+        hub._all.add(sub)
+        hub._subs.setdefault(key, set()).add(sub)
+    dropped = metrics.this_worker(metrics.DROPPED_SLOW)
+    delivered = metrics.this_worker(metrics.DELIVERED)
+
+    for seq in range(6, 10):
+        hub._on_message(*message("orders", seq, '"' + "x" * 60 + '"')[1:])
+
+    assert slow.closed == "slow"
+    assert [e[0] for e in received(fine)] == [f"{EPOCH}-{s}" for s in range(6, 10)]
+    assert metrics.this_worker(metrics.DROPPED_SLOW) == dropped + 1
+    # The slow client counted until it was cut, and nothing after.
+    assert metrics.this_worker(metrics.DELIVERED) == delivered + 4 + 1
