@@ -229,7 +229,7 @@ def connected_hub(conn: ScriptedConnection) -> Hub:
     hub = Hub(Config(), Commands(seq=5), ScriptedHistory(lambda: None))  # type: ignore[arg-type]
     hub._conn = conn  # type: ignore[assignment]
     hub._send_lock = Semaphore()
-    hub._greenlet = gevent.getcurrent()  # type: ignore[assignment]  # start() spawns nothing
+    hub._greenlet = gevent.getcurrent()  # start() spawns nothing
     hub.epoch, hub._epoch_b, hub.position = EPOCH, EPOCH.encode(), 5
     return hub
 
