@@ -232,9 +232,9 @@ class Streamer:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RD)
         finally:
+            # The stream is detached by Body.close(), which runs after this.
             if watcher is not None:
                 watcher.stop()
-            self._hub.detach(sub)
 
     def _live(self, sub: Subscriber, position: tuple[bytes, int], expires: float | None) -> Iterator[bytes]:
         """Live events until the stream ends, written through gunicorn (yielded)."""
@@ -364,9 +364,7 @@ def create_app(config: Config | None = None) -> Flask:
         }
         if request.method == "HEAD":
             if hub.clients >= config.max_connections:
-                return error(
-                    503, "too_many_connections", "this worker is at its connection limit", unavailable
-                )
+                return error(503, "too_many_connections", str(Full()), unavailable)
             # An empty iterable, not b"": no Content-Length of 0 (a GET has none).
             return Response(iter(()), mimetype="text/event-stream", headers=headers)
         try:
