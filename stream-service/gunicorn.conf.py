@@ -22,9 +22,11 @@ timeout = 30
 # Streams never end by themselves: on stop the app ends them (see post_worker_init),
 # and gunicorn waits this long for them to close. Keep compose's stop_grace_period above it.
 graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "10"))
-# A stream connection is closed when its stream ends; this bounds idle
-# keep-alive connections of the other endpoints during a graceful stop.
-keepalive = 5
+# One request per connection. A stream's connection is handed over to its
+# writer (stream/app.py) and must not be read for a next request; gunicorn 27's
+# keep-alive loop would (it ignores a handled-elsewhere answer). The other
+# endpoints (health checks, /stats, /metrics) lose nothing worth keeping.
+keepalive = 0
 # Never recycle stream workers: recycling cuts every open stream.
 max_requests = 0
 accesslog = "-" if os.environ.get("ACCESS_LOG", "0") == "1" else None
@@ -69,6 +71,11 @@ def post_worker_init(worker):  # type: ignore[no-untyped-def]
     import gc
 
     import gevent
+    from gunicorn.workers.base_async import AsyncWorker
+
+    # An async worker honours ALREADY_HANDLED: stream connections are handed
+    # over to their writers and no greenlet waits per stream (stream/app.py).
+    worker.wsgi.config["HERALD_HANDOVER"] = isinstance(worker, AsyncWorker)
 
     # Everything loaded so far lives as long as the worker: keep it out of the
     # garbage collector's full passes, which otherwise pause every stream.
@@ -82,3 +89,10 @@ def post_worker_init(worker):  # type: ignore[no-untyped-def]
             hub.shutdown()
 
     gevent.spawn(watch)
+
+
+def worker_exit(server, worker):  # type: ignore[no-untyped-def]
+    """End the streams still open (handed over, gunicorn does not wait for them)."""
+    hub = getattr(worker, "wsgi", None) and worker.wsgi.extensions.get("herald.hub")
+    if hub is not None and not hub.core.stopping:
+        hub.shutdown()

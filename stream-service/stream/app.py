@@ -2,33 +2,29 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import re
-import socket
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import gevent
 import redis
 from flask import Flask, Response, jsonify, request
+from gunicorn.workers.base_async import ALREADY_HANDLED
 from werkzeug.exceptions import HTTPException
 
-from . import logs, metrics, sse
+from . import logs, metrics
 from .auth import AccessDenied, authorize, find_token
 from .config import Config
-from .history import BadEventId, History, Position
-from .hub import Full, Hub, Unavailable, event_frame, reset_epoch, reset_frame
-from .subscriber import CONTROL, RAW, Subscriber, chunk
+from .core import BadEventId, Full, Position, Replay, Stream, StreamState, Unavailable
+from .history import History
+from .hub import Hub
+from .writer import SocketWriter, YieldingWriter
 
 log = logging.getLogger("herald.stream")
 
 CHANNEL_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
-HEARTBEAT = sse.comment(b"hb")
-TOKEN_EXPIRED = sse.frame(json.dumps({"reason": "token_expired"}).encode(), event=b"token_expired")
-HISTORY_CHUNK_BYTES = 65536
+HANDOVER = "HERALD_HANDOVER"  # app.config key: the server honours the handover
+BODY_KEY = "herald.stream_body"  # environ key: the stream body of this request
 
 
 class BadRequest(Exception):
@@ -74,34 +70,6 @@ def parse_last_event_id() -> Position | None:
         raise BadRequest("invalid_last_event_id", str(exc)) from None
 
 
-def watch_disconnect(sock: socket.socket | None, sub: Subscriber) -> Any:
-    """Close `sub` as soon as its peer hangs up, without waiting for a failed write.
-
-    An SSE client sends nothing after its request, so the socket becomes
-    readable only when the peer closes it (EOF).
-    """
-    if sock is None:
-        return None
-    watcher = gevent.get_hub().loop.io(sock.fileno(), 1)
-    # The plain socket under gevent's wrapper: this runs in the event loop, where
-    # nothing may wait, so peek without gevent's wait-and-retry.
-    raw = getattr(sock, "_sock", sock)
-
-    def readable() -> None:
-        try:
-            peeked = raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return
-        except OSError:
-            peeked = b""
-        watcher.stop()
-        if not peeked:
-            sub.close("gone")
-
-    watcher.start(readable)
-    return watcher
-
-
 def cors_headers(origin: str | None, allowed: tuple[str, ...]) -> dict[str, str]:
     """CORS for EventSource: exact origins get credentials (withCredentials), `*` never does."""
     if not origin:
@@ -117,204 +85,105 @@ def cors_headers(origin: str | None, allowed: tuple[str, ...]) -> dict[str, str]
     return {}
 
 
-class Body:
-    """A stream's response body: the frames of `frames`, and `on_close` run exactly
-    once when the server closes the body, even one it never started to read
-    (a generator's own `finally` does not run then)."""
+class StreamBody:
+    """The body of a stream's response.
 
-    def __init__(self, frames: Iterator[bytes], on_close: Callable[[], None]) -> None:
-        self._frames = frames
-        self._on_close: Callable[[], None] | None = on_close
+    Under gunicorn's gevent worker the response is handed over (`hand_over`,
+    from the WSGI wrapper below): the stream's writer takes the connection and
+    the request's greenlet ends. Elsewhere the body is iterated as usual and
+    yields what a `YieldingWriter` collects. Either way the stream leaves the
+    hub exactly once: when its writer ends it, or when the server closes a body
+    that was never handed over.
+    """
+
+    def __init__(self, hub: Hub, stream: Stream, replay: Replay | None, limit_bytes: int) -> None:
+        self._hub = hub
+        self._stream = stream
+        self._replay = replay
+        self._limit = limit_bytes
+        self._handed_over = False
+        self._frames: Iterator[bytes] | None = None
+
+    def _on_end(self, reason: str) -> None:
+        self._hub.leave(self._stream, reason)
+
+    def hand_over(self, sock: Any, head: bytes, chunked: bool) -> None:
+        """Give the connection to the stream's writer, which writes `head` first."""
+        self._handed_over = True
+        writer = SocketWriter(sock, chunked=chunked, limit_bytes=self._limit, on_end=self._on_end)
+        self._stream.writer = writer
+        first = self._hub.go_live(self._stream, self._replay)
+        writer.start(head, first)
+        if self._stream.state is StreamState.CLOSED:
+            writer.end()  # it ended while catching up
 
     def __iter__(self) -> Iterator[bytes]:
-        return self
-
-    def __next__(self) -> bytes:
-        return next(self._frames)
-
-    def close(self) -> None:
-        on_close, self._on_close = self._on_close, None
-        try:
-            self._frames.close()  # type: ignore[attr-defined]
-        finally:
-            if on_close is not None:
-                on_close()
-
-
-class Streamer:
-    """Opens streams: attach to the hub, replay what the client missed, then go live."""
-
-    def __init__(self, config: Config, hub: Hub, history: History) -> None:
-        self._config = config
-        self._hub = hub
-        self._history = history
-        self._preamble = sse.comment(b"ok") + sse.retry(config.retry_ms)
-
-    def open(self, channels: list[str], last: Position | None, expires: float | None) -> Iterator[bytes]:
-        """Start a stream, or raise Unavailable; the result is the response body."""
-        sock = request.environ.get("gunicorn.socket")
-        sub = Subscriber(channels, self._config.client_buffer_bytes)
-        if sock is not None:
-            # Under gunicorn the hub may write to the plain socket directly (the
-            # fast path, see Subscriber); gunicorn chunks HTTP/1.1 responses.
-            sub.sock = getattr(sock, "_sock", None)
-            sub.chunked = request.environ.get("SERVER_PROTOCOL") == "HTTP/1.1"
-        start, not_live = self._hub.attach(sub)
-        # From here on the stream is attached: whatever fails, it is detached
-        # (here, or by the body's close(), which the server calls in every case).
-        try:
-            head, replay, floor, epoch = self._catch_up(sub, start, last, not_live)
-            watcher = watch_disconnect(sock, sub)
-            body = self._body(sub, head, replay, (epoch, floor), watcher, sock, expires)
-        except redis.RedisError as exc:
-            self._hub.detach(sub)
-            raise Unavailable(f"history could not be read: {exc}") from exc
-        except BaseException:
-            self._hub.detach(sub)
-            raise
-        return Body(body, lambda: self._hub.detach(sub))
-
-    def _catch_up(
-        self, sub: Subscriber, start: Position, last: Position | None, not_live: bool
-    ) -> tuple[bytes, list[bytes], int, bytes]:
-        """The first frame, the replayed frames, and the position (seq, epoch) they reach."""
-        channels = list(sub.channels)
-        if last is None:
-            # A fresh stream starts at the hub's position. The id-only frame lets the
-            # browser resume from there even if the stream drops before any event.
-            head, after, check = sse.position(str(start).encode()), start, False
-            if not not_live:
-                return head, [], start.seq, start.epoch.encode()
-        else:
-            head, after, check = b"", last, True
-            self._hub.note_resume()
-        replay = self._history.read(channels, after, check=check)
-        epoch = replay.epoch.encode()
-        if replay.reset:
-            self._hub.note_resets(replay.reset)
-            continue_at = Position(replay.epoch, replay.seq)
-            return reset_frame(replay.reset, continue_at), [], replay.seq, epoch
-        frames = [event_frame(epoch, str(e.seq).encode(), e.event, e.data) for e in replay.events]
-        floor = replay.events[-1].seq if replay.events else after.seq
-        return head, frames, max(floor, after.seq), epoch
-
-    def _body(
-        self,
-        sub: Subscriber,
-        head: bytes,
-        replay: list[bytes],
-        position: tuple[bytes, int],
-        watcher: Any,
-        sock: socket.socket | None,
-        expires: float | None,
-    ) -> Iterator[bytes]:
-        sub.owner = gevent.getcurrent()
-        try:
-            yield self._preamble + head
-            chunk: list[bytes] = []
-            size = 0
-            for frame in replay:
-                chunk.append(frame)
-                size += len(frame)
-                if size >= HISTORY_CHUNK_BYTES:
-                    yield b"".join(chunk)
-                    chunk, size = [], 0
-            if chunk:
-                yield b"".join(chunk)
-            if sock is not None and sub.sock is not None:
-                self._live_direct(sub, sock, position, expires)
-            else:
-                yield from self._live(sub, position, expires)
-            # The stream ended on our side (shutdown): the body ends cleanly, and
-            # the connection must not be kept alive for another request to a
-            # worker that is stopping. EOF on the read side makes gunicorn close it.
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RD)
-        finally:
-            # The stream is detached by Body.close(), which runs after this.
-            if watcher is not None:
-                watcher.stop()
-
-    def _live(self, sub: Subscriber, position: tuple[bytes, int], expires: float | None) -> Iterator[bytes]:
-        """Live events until the stream ends, written through gunicorn (yielded)."""
-        epoch, last = position
-        while True:
-            items = sub.take(self._wait(expires))
-            if sub.closed:
-                return
-            if not items:
-                yield self._idle_frame(expires)
-                if expires is not None and time.time() >= expires:
-                    return
-                continue
-            _, frames, epoch, last = select(items, epoch, last)
-            if frames:
-                yield b"".join(frames)
-
-    def _live_direct(
-        self, sub: Subscriber, sock: socket.socket, position: tuple[bytes, int], expires: float | None
-    ) -> None:
-        """Live events until the stream ends, written to the socket itself.
-
-        gunicorn has written the headers and every chunk yielded so far; from here
-        the hub writes events straight to the socket while this greenlet sleeps,
-        and this greenlet writes only what the hub had to queue, and heartbeats.
-        """
-        frame_out = chunk if sub.chunked else bytes
-        epoch, last = position
-        sub.last = last
-        sub.direct = True
-        while True:
-            # Heartbeats come from the hub's timer while on the fast path.
-            items = sub.take(None if expires is None else self._wait(expires))
-            if sub.closed:
-                return
-            sub.direct = False  # this greenlet writes now; the hub queues meanwhile
-            if not items:
-                sock.sendall(frame_out(self._idle_frame(expires)))
-                if expires is not None and time.time() >= expires:
-                    return
-            else:
-                prefix, frames, epoch, last = select(items, epoch, last)
-                sub.last = last
-                sock.sendall(prefix + (frame_out(b"".join(frames)) if frames else b""))
-            sub.direct = not sub.pending and not sub.closed
-
-    def _wait(self, expires: float | None) -> float:
-        if expires is None:
-            return self._config.heartbeat_seconds
-        return max(0.0, min(self._config.heartbeat_seconds, expires - time.time()))
+        if self._frames is None:
+            writer = YieldingWriter(limit_bytes=self._limit, on_end=self._on_end)
+            self._stream.writer = writer
+            first = self._hub.go_live(self._stream, self._replay)
+            if self._stream.state is StreamState.CLOSED:
+                writer.end()
+            self._frames = self._yield(first, writer)
+        return self._frames
 
     @staticmethod
-    def _idle_frame(expires: float | None) -> bytes:
-        """A heartbeat, or, once the subscribe token has run out, the notice of it."""
-        if expires is not None and time.time() >= expires:
-            return TOKEN_EXPIRED
-        return HEARTBEAT
+    def _yield(first: bytes, writer: YieldingWriter) -> Iterator[bytes]:
+        yield first
+        yield from writer.frames()
+
+    def close(self) -> None:
+        """The server is done with the body: the stream leaves, unless handed over."""
+        if self._handed_over:
+            return
+        if self._frames is not None:
+            self._frames.close()  # type: ignore[attr-defined]
+        if self._stream.writer is not None:
+            self._stream.writer.end()
+        self._hub.leave(self._stream)
 
 
-def select(items: list[tuple[int, bytes]], epoch: bytes, last: int) -> tuple[bytes, list[bytes], bytes, int]:
-    """What of the queued items goes to the client, in order, and the position after.
+def response_head(status: str, headers: list[tuple[str, str]], chunked: bool) -> bytes:
+    """The status line and headers of a handed-over stream response."""
+    lines = [f"HTTP/1.1 {status}"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    if chunked:
+        lines.append("Transfer-Encoding: chunked")
+    # The stream's end is the connection's: nothing else is served on it.
+    lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
-    Returns the raw prefix (the rest of a partial direct write), the frames to
-    send, and the new (epoch, last seq): events at or below the client's
-    position were already sent (during catch-up) and are skipped.
+
+def handover_wrapper(wsgi_app: Callable[..., Any], enabled: Callable[[], bool]) -> Callable[..., Any]:
+    """WSGI wrapper: a stream response under gunicorn's gevent worker is handed to
+    its writer, and gunicorn is told it was handled (no greenlet stays per stream).
+
+    `enabled` says whether the server honours that (gunicorn.conf.py turns it on
+    in gevent workers).
     """
-    prefix = b""
-    frames = []
-    for seq, frame in items:
-        if seq > last:
-            frames.append(frame)
-            last = seq
-        elif seq == RAW:
-            prefix += frame
-        elif seq == CONTROL and reset_epoch(frame) != epoch:
-            # A new epoch: its numbers start again. (A client that already reset
-            # to it while catching up skips the hub's reset.)
-            frames.append(frame)
-            epoch, last = reset_epoch(frame), CONTROL
-    return prefix, frames, epoch, last
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        sock = environ.get("gunicorn.socket")
+        if sock is None or not enabled():
+            return wsgi_app(environ, start_response)
+        started: list[Any] = []
+
+        def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            started[:] = [status, headers, exc_info]
+            return lambda data: None  # the WSGI write() callable, unused by Flask
+
+        body = wsgi_app(environ, capture)
+        stream_body = environ.get(BODY_KEY)
+        if isinstance(stream_body, StreamBody) and started and started[0].startswith("200"):
+            chunked = environ.get("SERVER_PROTOCOL") == "HTTP/1.1"
+            stream_body.hand_over(sock, response_head(started[0], started[1], chunked), chunked)
+            if hasattr(body, "close"):
+                body.close()  # WSGI etiquette; the handed-over body ignores it
+            return ALREADY_HANDLED
+        start_response(*started)
+        return body
+
+    return app
 
 
 def create_app(config: Config | None = None) -> Flask:
@@ -334,8 +203,9 @@ def create_app(config: Config | None = None) -> Flask:
     )
     history = History(commands)
     hub = Hub(config, commands, history)
-    streamer = Streamer(config, hub, history)
     app.extensions["herald.hub"] = hub
+    app.config[HANDOVER] = False
+    app.wsgi_app = handover_wrapper(app.wsgi_app, lambda: app.config[HANDOVER])  # type: ignore[method-assign]
     unavailable = {"Retry-After": str(config.retry_after_seconds)}
 
     # Only GET opens a stream. Flask answers HEAD for every GET route by running
@@ -367,12 +237,18 @@ def create_app(config: Config | None = None) -> Flask:
                 return error(503, "too_many_connections", str(Full()), unavailable)
             # An empty iterable, not b"": no Content-Length of 0 (a GET has none).
             return Response(iter(()), mimetype="text/event-stream", headers=headers)
+        stream = Stream(channels, last, grant.expires)
         try:
-            body = streamer.open(channels, last, grant.expires)
+            hub.open(stream)
+            replay = hub.read_history(stream)
         except Full as exc:
             return error(503, "too_many_connections", str(exc), unavailable)
         except Unavailable as exc:
             return error(503, "unavailable", str(exc), unavailable)
+        except BaseException:
+            hub.leave(stream)
+            raise
+        body = request.environ[BODY_KEY] = StreamBody(hub, stream, replay, config.client_buffer_bytes)
         return Response(body, mimetype="text/event-stream", headers=headers)
 
     @app.get("/healthz")

@@ -10,19 +10,17 @@ reset (docs/redis-contract.md, "Reading history").
 from __future__ import annotations
 
 import heapq
-import re
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
+from .core import HistoryEvent, Position, Replay
+
 META_KEY = "herald:meta"
 CHANNELS_KEY = "herald:channels"
 STREAM_PREFIX = "herald:stream:"
-
-EVENT_ID_RE = re.compile(r"([0-9a-f]{12})-([0-9]{1,18})")
 
 # KEYS[1] = meta hash, KEYS[2] = channels hash, KEYS[3..] = channel streams;
 # ARGV[1] = position (seq), ARGV[2..] = the channel names, in KEYS order.
@@ -40,49 +38,6 @@ return out
 def new_epoch() -> str:
     """A fresh random epoch (12 hex digits), offered with HSETNX; the first one wins."""
     return secrets.token_hex(6)
-
-
-class BadEventId(ValueError):
-    """A Last-Event-ID / lastEventId that is not `<12 hex epoch>-<seq>`."""
-
-
-@dataclass(frozen=True)
-class Position:
-    """A point in the event sequence: an epoch and the last sequence number seen."""
-
-    epoch: str
-    seq: int
-
-    @classmethod
-    def parse(cls, text: str) -> Position:
-        """Parse an event id as sent in `id:` fields; raise BadEventId otherwise."""
-        match = EVENT_ID_RE.fullmatch(text.strip())
-        if not match:
-            raise BadEventId("the last event id must look like <12 hex digits>-<number>")
-        return cls(match[1], int(match[2]))
-
-    def __str__(self) -> str:
-        return f"{self.epoch}-{self.seq}"
-
-
-@dataclass(frozen=True)
-class HistoryEvent:
-    """One event read back from a channel's history stream."""
-
-    seq: int
-    channel: str
-    event: bytes
-    data: bytes
-
-
-@dataclass
-class Replay:
-    """What a resuming client gets: the missed events, or a reset and why."""
-
-    epoch: str
-    seq: int  # the newest sequence number in Redis when history was read
-    events: list[HistoryEvent] = field(default_factory=list)
-    reset: str | None = None
 
 
 def _seq(entry_id: bytes) -> int:

@@ -1,19 +1,19 @@
-"""The hub: one Redis Pub/Sub connection per worker, fanned out to local clients.
+"""The hub: the worker's adapter between the core, Redis and the writers.
 
-A channel is subscribed in Redis when its first local client arrives and
-unsubscribed when its last one leaves. Each live event is encoded to SSE bytes
-once; the same bytes object goes into the buffer of every subscriber.
+One Redis Pub/Sub connection per worker, read by one greenlet, feeds the core
+(core.py) and carries out what it decides: (un)subscribe, read the gap after a
+reconnect, hand each event's bytes to the writers of its live streams. One
+clock greenlet drives heartbeats and token expiry. Counters live here, in the
+Prometheus metrics, the one record behind both /stats and /metrics.
 
-The hub owns its connection: when it breaks, or goes quiet for longer than the
+The connection is owned here: when it breaks, or goes quiet for longer than the
 watchdog allows (a hung Redis sends nothing and raises nothing), the hub
-reconnects with backoff, re-subscribes, and replays from history every event
-it missed, so connected clients lose nothing. Sequence numbers are global and
-increasing, so the hub drops anything at or below the last one it dispatched.
+reconnects with backoff, and the core resubscribes and replays from history
+every event it missed, so connected clients lose nothing.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -25,45 +25,36 @@ from gevent.event import Event
 from gevent.lock import Semaphore
 from redis.connection import ConnectionInterface, ConnectionPool
 
-from . import metrics, sse
+from . import metrics
 from .config import Config
-from .history import META_KEY, History, HistoryEvent, Position, new_epoch
-from .subscriber import CONTROL, Push, Subscriber, chunk
+from .core import (
+    Action,
+    Beat,
+    Core,
+    Deliver,
+    End,
+    Full,
+    Malformed,
+    ReadGap,
+    Ready,
+    Replay,
+    Reset,
+    Stream,
+    StreamState,
+    Subscribe,
+    Unavailable,
+    Unsubscribe,
+)
+from .history import META_KEY, History, new_epoch
+from .writer import chunk
 
 log = logging.getLogger("herald.stream.hub")
 
-LIVE_PREFIX = b"herald:live:"
-
-
-class Unavailable(Exception):
-    """The hub cannot serve a new client now (Redis unreachable, shutting down)."""
-
-
-class Full(Unavailable):
-    """The worker holds MAX_CONNECTIONS streams already."""
-
-    def __init__(self) -> None:
-        super().__init__("this worker is at its connection limit")
+__all__ = ["Full", "Hub", "Unavailable"]
 
 
 class WatchdogExpired(Exception):
     """Nothing came from Redis for longer than the watchdog allows."""
-
-
-def event_frame(epoch: bytes, seq: bytes, event: bytes, data: bytes) -> bytes:
-    """The SSE frame of one event; its id is `<epoch>-<seq>`."""
-    return sse.frame(data, event=event, id=epoch + b"-" + seq)
-
-
-def reset_epoch(frame: bytes) -> bytes:
-    """The epoch a reset frame moves its client to (its id comes first: `id: <epoch>-`)."""
-    return frame[4:16]
-
-
-def reset_frame(reason: str, position: Position) -> bytes:
-    """A `reset` event: history cannot cover the gap; the client continues from `position`."""
-    data = json.dumps({"reason": reason}).encode()
-    return sse.frame(data, event=b"reset", id=str(position).encode())
 
 
 class Hub:
@@ -73,6 +64,11 @@ class Hub:
         self._config = config
         self._commands = commands
         self._history = history
+        self.core = Core(
+            max_streams=config.max_connections,
+            queue_limit_bytes=config.client_buffer_bytes,
+            retry_ms=config.retry_ms,
+        )
         self._pool = ConnectionPool.from_url(
             config.redis_url,
             protocol=2,  # RESP2: Pub/Sub messages as plain replies on this connection
@@ -82,20 +78,7 @@ class Hub:
         self._conn: ConnectionInterface | None = None
         self._send_lock: Semaphore | None = None
         self._greenlet: gevent.Greenlet | None = None
-        self._stopping = False
-        self._filling = False
-        self._changed = Event()  # replaced on every change; waiters wait on the old one
-        self._subs: dict[bytes, set[Subscriber]] = {}
-        self._all: set[Subscriber] = set()  # every attached client, for heartbeats
-        self._pending: dict[bytes, int] = {}  # SUBSCRIBE commands not yet confirmed
-        self._active: set[bytes] = set()  # confirmed, and history filled
-        # Active, but no event dispatched since: events published between the
-        # hub's position and the moment Redis ran the SUBSCRIBE were never
-        # dispatched, so a client starting now must read them from history.
-        self._fresh: set[bytes] = set()
-        self.epoch: str | None = None
-        self._epoch_b = b""
-        self.position = 0  # the last sequence number dispatched
+        self._waiters: dict[Stream, Event] = {}  # streams waiting for their channels
         # Bytes dispatched since the hub last let clients run; see _yield_if_busy.
         self._burst = 0
         self._burst_limit = max(config.client_buffer_bytes // 4, 1)
@@ -103,37 +86,33 @@ class Hub:
     # -- life cycle -------------------------------------------------------
 
     def start(self) -> None:
-        """Start the reader greenlet (once, in the worker that serves clients)."""
+        """Start the reader and the clock (once, in the worker that serves clients)."""
         if self._greenlet is None:
             self._send_lock = Semaphore()
             self._greenlet = gevent.spawn(self._run)
-            gevent.spawn(self._heartbeats)
+            gevent.spawn(self._clock)
 
     def shutdown(self) -> None:
         """End every stream cleanly (the worker is stopping) and stop reading."""
-        self._stopping = True
-        for sub in set(self._all):
-            sub.close("shutdown")
-        self._broadcast()
+        self._do(self.core.shutdown())
+        for waiter in self._waiters.values():
+            waiter.set()
 
     @property
     def clients(self) -> int:
-        """Streams attached to this worker."""
-        return len(self._all)
-
-    @property
-    def connected(self) -> bool:
-        return self._conn is not None and not self._filling
+        """Streams open on this worker."""
+        return len(self.core.streams)
 
     def snapshot(self) -> dict[str, Any]:
         """Gauges and counters of this worker, for /stats and the tests."""
+        core = self.core
         return {
             "clients": self.clients,
-            "channels": len(self._subs),
-            "subscribed": len(self._active),
-            "connected": self.connected,
-            "epoch": self.epoch,
-            "position": self.position,
+            "channels": len(core.channels),
+            "subscribed": core.live_channels(),
+            "connected": core.ready,
+            "epoch": core.epoch,
+            "position": core.position,
             "delivered": metrics.this_worker(metrics.DELIVERED),
             "dropped_slow": metrics.this_worker(metrics.DROPPED_SLOW),
             "reconnects": metrics.this_worker(metrics.RECONNECTS),
@@ -141,125 +120,158 @@ class Hub:
             "resumes": metrics.this_worker(metrics.RESUMES),
         }
 
-    def note_resume(self) -> None:
-        """Count a stream opened with a last event id (for /stats and /metrics)."""
-        metrics.RESUMES.inc()
+    # -- streams ------------------------------------------------------------
 
-    def note_resets(self, reason: str, count: int = 1) -> None:
-        """Count reset events sent to clients (for /stats and /metrics)."""
-        metrics.RESETS.labels(reason).inc(count)
+    def open(self, stream: Stream) -> None:
+        """Open `stream` and wait until its channels are live (state CATCHING_UP).
 
-    # -- clients ----------------------------------------------------------
-
-    def attach(self, sub: Subscriber) -> tuple[Position, bool]:
-        """Register `sub` and wait until all its channels are live.
-
-        Returns the position from which the hub delivers to it, and whether any
-        of its channels was not live yet (events published on those before the
-        subscription took effect must come from history). Raises Full when the
-        worker holds MAX_CONNECTIONS streams, Unavailable when it cannot serve;
-        either way `sub` is not attached then.
+        Raises Full at MAX_CONNECTIONS, Unavailable when the worker cannot
+        serve it in time; either way the stream is not open then.
         """
-        if self._stopping:
-            raise Unavailable("the worker is shutting down")
-        if len(self._all) >= self._config.max_connections:
-            raise Full()
-        # The slot is taken before anything waits: streams opened together
-        # (during a reconnect, say) cannot all pass the limit.
-        self._all.add(sub)
-        metrics.CLIENTS.inc()
-        try:
-            return self._subscribe(sub)
-        except BaseException:
-            self.detach(sub)
-            raise
-
-    def _subscribe(self, sub: Subscriber) -> tuple[Position, bool]:
         self.start()
-        deadline = time.monotonic() + self._config.subscribe_timeout_seconds
-        if not self._wait(lambda: self.connected, deadline):
-            raise Unavailable("Redis is not reachable")
-        assert self.epoch is not None
-        keys = [LIVE_PREFIX + c.encode() for c in sub.channels]
-        # Not live yet (new here, awaiting another client's SUBSCRIBE, or live so
-        # recently that the hub's position may lag behind the subscription):
-        # what lies between the position and the live events comes from history.
-        not_live = any(key not in self._active or key in self._fresh for key in keys)
-        new = []
-        for key in keys:
-            subs = self._subs.get(key)
-            if subs is None:
-                subs = self._subs[key] = set()
-                new.append(key)
-            subs.add(sub)
-        start = Position(self.epoch, self.position)
-        to_send = [k for k in new if k not in self._pending]
-        if to_send:
-            for key in to_send:
-                self._pending[key] = self._pending.get(key, 0) + 1
-            self._send_quietly("SUBSCRIBE", *to_send)
-        if not self._wait(lambda: all(k in self._active for k in keys), deadline):
+        actions = self.core.open(stream)
+        metrics.CLIENTS.set(self.clients)
+        try:
+            self._do(actions)
+            self._wait_ready(stream)
+        except BaseException:
+            self.leave(stream)
+            raise
+        if stream.resume is not None:
+            metrics.RESUMES.inc()
+
+    def _wait_ready(self, stream: Stream) -> None:
+        if stream.state is StreamState.WAITING:
+            waiter = self._waiters[stream] = Event()
+            try:
+                waiter.wait(self._config.subscribe_timeout_seconds)
+            finally:
+                del self._waiters[stream]
+        if stream.state is StreamState.WAITING:
+            if not self.core.connected:
+                raise Unavailable("Redis is not reachable")
             raise Unavailable("the subscription did not take effect in time")
-        return start, not_live
+        if stream.state is StreamState.CLOSED:
+            raise Unavailable("the worker is shutting down")
 
-    def detach(self, sub: Subscriber) -> None:
-        """Forget `sub` (once; later calls do nothing); unsubscribe channels it
-        was the last local client of."""
-        if sub not in self._all:
-            return
-        self._all.discard(sub)
-        metrics.CLIENTS.dec()
-        gone = []
-        for channel in sub.channels:
-            key = LIVE_PREFIX + channel.encode()
-            subs = self._subs.get(key)
-            if subs is None:
-                continue
-            subs.discard(sub)
-            if not subs:
-                del self._subs[key]
-                if key in self._active:
-                    self._active.discard(key)
-                    gone.append(key)
-                elif self._filling and key not in self._pending:
-                    # Confirmed during a reconnect while the gap is being filled:
-                    # subscribed in Redis, though not active yet.
-                    gone.append(key)
-                # A channel still pending is unsubscribed when its confirmation arrives.
-        if gone:
-            self._send_quietly("UNSUBSCRIBE", *gone)
+    def read_history(self, stream: Stream) -> Replay | None:
+        """What `stream` needs from history before it goes live (None: nothing).
 
-    def _heartbeats(self) -> None:
-        """One timer for the worker: a comment to every idle live client per interval.
-
-        Clients on the fast path sleep without a timeout of their own, which
-        saves a timer per stream and per wait; busy clients need no heartbeat.
+        Raises Unavailable (and leaves) if history cannot be read.
         """
-        plain = sse.comment(b"hb")
-        framed = chunk(plain)
-        while not self._stopping:
-            gevent.sleep(self._config.heartbeat_seconds)
-            for sub in list(self._all):
-                sub.beat(framed, plain)
+        request = stream.history
+        if request is None:
+            return None
+        try:
+            replay = self._history.read(stream.channels, request.after, check=request.check)
+        except redis.RedisError as exc:
+            self.leave(stream)
+            raise Unavailable(f"history could not be read: {exc}") from exc
+        if replay.reset:
+            metrics.RESETS.labels(replay.reset).inc()
+        return replay
+
+    def go_live(self, stream: Stream, replay: Replay | None) -> bytes:
+        """`stream` caught up: what to write first; from now on events go to its writer."""
+        return self.core.caught_up(stream, replay)
+
+    def leave(self, stream: Stream, reason: str = "gone") -> None:
+        """The stream is over (idempotent): unsubscribe what no one else needs."""
+        if reason == "slow" and stream.state is not StreamState.CLOSED:
+            metrics.DROPPED_SLOW.inc()
+        self._do(self.core.leave(stream, reason))
+        metrics.CLIENTS.set(self.clients)
+
+    # -- carrying out the core's decisions -----------------------------------
+
+    def _do(self, actions: list[Action]) -> None:
+        for action in actions:
+            if type(action) is Deliver:
+                self._deliver(action.frame, action.streams)
+            elif isinstance(action, Subscribe):
+                self._send_quietly("SUBSCRIBE", *action.keys)
+            elif isinstance(action, Unsubscribe):
+                self._send_quietly("UNSUBSCRIBE", *action.keys)
+            elif isinstance(action, Ready):
+                waiter = self._waiters.get(action.stream)
+                if waiter is not None:
+                    waiter.set()
+            elif isinstance(action, Reset):
+                self._deliver(action.frame, action.streams, count=False)
+                metrics.RESETS.labels(action.reason).inc(len(action.streams))
+                log.warning("epoch changed: %d streams told to reset", len(action.streams))
+            elif isinstance(action, Beat):
+                for stream in action.streams:
+                    stream.writer.beat()
+            elif isinstance(action, End):
+                self._end(action)
+            elif isinstance(action, ReadGap):
+                self._read_gap(action)
+            elif isinstance(action, Malformed):
+                log.error("ignoring a malformed Pub/Sub message on %r", action.key)
+
+    def _deliver(self, frame: bytes, streams: list[Stream], *, count: bool = True) -> None:
+        """The fast path: each live stream's writer gets the same bytes at once."""
+        self._burst += len(frame)
+        data = (frame, chunk(frame))
+        delivered = 0
+        for stream in streams:
+            writer = stream.writer
+            if writer.send(data[writer.chunked]):
+                delivered += 1
+        if count and delivered:
+            metrics.DELIVERED.inc(delivered)
+
+    def _end(self, action: End) -> None:
+        if action.reason == "slow":
+            metrics.DROPPED_SLOW.inc()
+        waiter = self._waiters.get(action.stream)
+        if waiter is not None:
+            waiter.set()
+        if action.stream.writer is not None:
+            action.stream.writer.end(action.frame)
+        metrics.CLIENTS.set(self.clients)
+
+    def _read_gap(self, action: ReadGap) -> None:
+        """Dispatch, from history, what was published while the hub was away."""
+        replay = self._history.read(action.channels, action.after, check=False)
+        self._do(self.core.gap_read(replay))
+
+    # -- the clock ----------------------------------------------------------
+
+    def _clock(self) -> None:
+        """Heartbeats for idle live streams every interval; token expiry on time."""
+        interval = self._config.heartbeat_seconds
+        next_beat = time.monotonic() + interval
+        while not self.core.stopping:
+            expiry = self.core.next_expiry()
+            wall = time.time()
+            until_expiry = float("inf") if expiry is None else expiry - wall
+            gevent.sleep(max(0.0, min(next_beat - time.monotonic(), until_expiry, 1.0)))
+            if time.monotonic() >= next_beat:
+                next_beat += interval
+                self._do(self.core.tick(time.time()))
+            else:
+                self._do(self.core.expire(time.time()))
 
     # -- the reader greenlet ------------------------------------------------
 
     def _run(self) -> None:
         backoff = 0.05
-        while not self._stopping:
+        while not self.core.stopping:
             try:
                 self._connect()
                 backoff = 0.05
                 self._read_forever()
             except (redis.RedisError, OSError, WatchdogExpired) as exc:
-                if not self._stopping:
+                if not self.core.stopping:
                     log.warning("Redis Pub/Sub connection lost (%s); reconnecting", exc)
             except Exception:
                 # A bug must not silence the worker: log it and start over from history.
                 log.exception("the hub failed; reconnecting")
             finally:
                 self._disconnect()
-            if self._stopping:
+            if self.core.stopping:
                 break
             metrics.RECONNECTS.inc()
             gevent.sleep(backoff * random.uniform(0.5, 1.0))
@@ -269,31 +281,13 @@ class Hub:
         conn = self._pool.make_connection()
         conn.connect()
         self._conn = conn
-        self._filling = True
-        resumed = self.epoch is not None
         epoch, seq = self._meta()
-        if self.epoch is not None and (epoch != self.epoch or seq < self.position):
-            self._reset_all("epoch_changed", Position(epoch, seq))
-            resumed = False
-        if not resumed:
-            self.epoch, self._epoch_b, self.position = epoch, epoch.encode(), seq
-        self._active.clear()
-        self._pending = {key: 1 for key in self._subs}
-        if self._pending:
-            self._send("SUBSCRIBE", *self._pending)
-        held = self._await_confirmations()
-        if resumed and self._subs:
-            self._fill_gap()
-        for channel, payload in held:
-            self._on_message(channel, payload)
-        self._filling = False
-        self._active.update(k for k in self._subs if k not in self._pending)
-        self._broadcast()
+        self._do(self.core.connection_up(epoch, seq))
         log.info(
             "Pub/Sub connected: epoch %s, position %d, %d channels",
-            self.epoch,
-            self.position,
-            len(self._subs),
+            self.core.epoch,
+            self.core.position,
+            len(self.core.channels),
         )
 
     def _meta(self) -> tuple[str, int]:
@@ -303,49 +297,26 @@ class Hub:
         _, (epoch, seq) = pipe.execute()
         return epoch.decode(), int(seq or 0)
 
-    def _await_confirmations(self) -> list[tuple[bytes, bytes]]:
-        """Read until every pending SUBSCRIBE is confirmed, holding back events."""
-        held: list[tuple[bytes, bytes]] = []
-        deadline = time.monotonic() + self._config.subscribe_timeout_seconds
-        while self._pending:
-            reply = self._read(deadline)
-            if reply[0] == b"message":
-                held.append((reply[1], reply[2]))
-            else:
-                self._on_control(reply)
-        return held
-
-    def _fill_gap(self) -> None:
-        """Dispatch, from history, what was published while the hub was away."""
-        channels = [k[len(LIVE_PREFIX) :].decode() for k in self._subs]
-        assert self.epoch is not None
-        replay = self._history.read(channels, Position(self.epoch, self.position), check=False)
-        for e in replay.events:
-            self._dispatch_history(e)
-            self._yield_if_busy()
-
-    def _dispatch_history(self, e: HistoryEvent) -> None:
-        seqb = str(e.seq).encode()
-        self._dispatch(
-            LIVE_PREFIX + e.channel.encode(), e.seq, event_frame(self._epoch_b, seqb, e.event, e.data)
-        )
-
     def _read_forever(self) -> None:
         watchdog = self._config.watchdog_seconds
         assert self._conn is not None
         conn = self._conn
+        core = self.core
         last = time.monotonic()
         pinged = False
-        while not self._stopping:
+        while not core.stopping:
             if conn.can_read(timeout=min(1.0, watchdog / 4)):
                 reply = conn.read_response()
                 last = time.monotonic()
                 pinged = False
-                if reply[0] == b"message":
-                    self._on_message(reply[1], reply[2])
+                kind = reply[0]
+                if kind == b"message":
+                    metrics.RECEIVED.inc()
+                    self._do(core.message(reply[1], reply[2]))
                     self._yield_if_busy()
-                else:
-                    self._on_control(reply)
+                elif kind == b"subscribe":
+                    self._do(core.confirmed(reply[1]))
+                # Unsubscribe confirmations and PING answers need nothing.
                 continue
             idle = time.monotonic() - last
             if idle > watchdog:
@@ -354,99 +325,22 @@ class Hub:
                 self._send("PING")
                 pinged = True
 
-    def _read(self, deadline: float) -> Any:
-        assert self._conn is not None
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not self._conn.can_read(timeout=remaining):
-            raise WatchdogExpired("Redis did not confirm the subscriptions in time")
-        return self._conn.read_response()
-
     def _disconnect(self) -> None:
         conn, self._conn = self._conn, None
-        self._filling = False
-        self._active.clear()
-        self._fresh.clear()
-        self._pending.clear()
+        self._do(self.core.connection_lost())
         if conn is not None:
             conn.disconnect()
-        self._broadcast()
-
-    # -- dispatch ----------------------------------------------------------
-
-    def _on_control(self, reply: list[Any]) -> None:
-        kind = reply[0]
-        if kind != b"subscribe":
-            return  # unsubscribe confirmations and PING answers need nothing
-        key = reply[1]
-        left = self._pending.get(key, 0) - 1
-        if left > 0:
-            self._pending[key] = left
-            return
-        self._pending.pop(key, None)
-        if key not in self._subs:
-            self._send_quietly("UNSUBSCRIBE", key)  # its last client left while pending
-        elif not self._filling:
-            self._active.add(key)
-            self._fresh.add(key)
-            self._broadcast()
-
-    def _on_message(self, channel: bytes, payload: bytes) -> None:
-        try:
-            epoch, seqb, event, data = payload.split(b" ", 3)
-            seq = int(seqb)
-        except ValueError:
-            log.error("ignoring a malformed Pub/Sub message on %r", channel)
-            return
-        if epoch != self._epoch_b:
-            # Redis lost its data while we stayed connected: a new epoch began.
-            new = epoch.decode()
-            self._reset_all("epoch_changed", Position(new, seq - 1))
-            self.epoch, self._epoch_b, self.position = new, epoch, 0
-        if seq <= self.position:
-            return  # already dispatched from history during recovery
-        metrics.RECEIVED.inc()
-        try:
-            frame = event_frame(epoch, seqb, event, data)
-        except ValueError:
-            log.error("ignoring event %d with a malformed name on %r", seq, channel)
-            return
-        self._dispatch(channel, seq, frame)
-
-    def _dispatch(self, channel: bytes, seq: int, frame: bytes) -> None:
-        self.position = seq
-        if self._fresh:
-            self._fresh.clear()  # the position is now past every subscription made so far
-        subs = self._subs.get(channel)
-        if not subs:
-            return
-        self._burst += len(frame)
-        framed = chunk(frame)  # once for every subscriber the hub writes to directly
-        outcomes = [sub.push(seq, frame, framed) for sub in subs]
-        delivered = outcomes.count(Push.DELIVERED)
-        if delivered:
-            metrics.DELIVERED.inc(delivered)
-        dropped = outcomes.count(Push.DROPPED)
-        if dropped:
-            metrics.DROPPED_SLOW.inc(dropped)
 
     def _yield_if_busy(self) -> None:
-        """Let clients write out their buffers during a burst of events.
+        """Let the event loop write queued bytes out during a burst of events.
 
         While Redis has more data buffered the reader never waits, so without
-        this a burst would pile up in every buffer, and healthy clients would be
-        dropped as slow. Yielding per quarter buffer keeps the switches per event low.
+        this a burst would pile up in every writer's queue, and healthy clients
+        would be cut as slow. Yielding per quarter buffer keeps the switches per event low.
         """
         if self._burst >= self._burst_limit:
             self._burst = 0
             gevent.sleep(0)
-
-    def _reset_all(self, reason: str, position: Position) -> None:
-        frame = reset_frame(reason, position)
-        subs = set(self._all)
-        for sub in subs:
-            sub.push(CONTROL, frame)
-        self.note_resets(reason, len(subs))
-        log.warning("epoch changed to %s: %d clients told to reset", position.epoch, len(subs))
 
     # -- helpers -----------------------------------------------------------
 
@@ -464,15 +358,3 @@ class Hub:
             self._send(*args)
         except (redis.RedisError, OSError) as exc:
             log.info("could not send %s (%s); the reconnect will catch up", args[0], exc)
-
-    def _broadcast(self) -> None:
-        changed, self._changed = self._changed, Event()
-        changed.set()
-
-    def _wait(self, condition: Any, deadline: float) -> bool:
-        while not condition():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self._stopping:
-                return False
-            self._changed.wait(remaining)
-        return True

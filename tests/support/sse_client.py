@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +45,7 @@ class SSEClient:
     def __post_init__(self) -> None:
         self._cond = threading.Condition()
         self._conn: http.client.HTTPConnection | None = None
+        self._sock: socket.socket | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def start(self, timeout: float = 10) -> SSEClient:
@@ -60,6 +62,9 @@ class SSEClient:
             conn.request(
                 "GET", f"{parts.path}?{parts.query}", headers={"Accept": "text/event-stream", **self.headers}
             )
+            # http.client hands the socket to the response (and forgets it) when
+            # the answer says `Connection: close`, as a stream's does.
+            self._sock = conn.sock
             response = conn.getresponse()
             with self._cond:
                 self.response_headers = {k.lower(): v for k, v in response.getheaders()}
@@ -117,10 +122,11 @@ class SSEClient:
 
     def close(self) -> None:
         """Hang up abruptly, like a closed browser tab."""
-        conn = self._conn
-        if conn is not None and conn.sock is not None:
+        conn, sock = self._conn, self._sock
+        if sock is not None:
             with contextlib.suppress(OSError):
-                conn.sock.shutdown(2)
+                sock.shutdown(2)
+        if conn is not None:
             conn.close()
         self._thread.join(5)
         self._end("closed")

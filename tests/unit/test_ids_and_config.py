@@ -10,7 +10,7 @@ from publisher.config import ConfigError as PublisherConfigError
 from publisher.store import new_epoch
 from stream.config import Config as StreamConfig
 from stream.config import ConfigError as StreamConfigError
-from stream.history import BadEventId, Position
+from stream.core import BadEventId, Position
 from stream.history import new_epoch as stream_new_epoch
 
 # -- event ids -----------------------------------------------------------------

@@ -1,0 +1,482 @@
+"""The stream core driven with scripted inputs: no gevent, no sockets, no Redis.
+
+Each test feeds the core what the adapters would (a stream opens, Redis confirms
+a SUBSCRIBE, a message arrives, the connection drops, history was read, a
+tick) and checks what it decides. A `World` plays the adapters: it records the
+commands, and plays each stream's bytes into a spec-exact SSE parser, so the
+assertions are about what a client would see.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from stream.core import (
+    LIVE_PREFIX,
+    Action,
+    Beat,
+    ChannelState,
+    Core,
+    Deliver,
+    End,
+    Full,
+    HistoryEvent,
+    Malformed,
+    Position,
+    ReadGap,
+    Ready,
+    Replay,
+    Reset,
+    Stream,
+    StreamState,
+    Subscribe,
+    Unavailable,
+    Unsubscribe,
+)
+
+from tests.support.sse import Event, SSEParser
+
+EPOCH = "0123456789ab"
+OTHER = "ba9876543210"
+
+
+def key(channel: str) -> bytes:
+    return LIVE_PREFIX + channel.encode()
+
+
+def payload(seq: int, data: str, epoch: str = EPOCH, event: str = "message") -> bytes:
+    return f"{epoch} {seq} {event} {data}".encode()
+
+
+def event(seq: int, channel: str, data: str) -> HistoryEvent:
+    return HistoryEvent(seq, channel, b"message", data.encode())
+
+
+class Client:
+    """What one stream's client receives: bytes through a spec-exact parser."""
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self.parser = SSEParser()
+        self.events: list[Event] = []
+        self.beats = 0
+        self.ended: str | None = None
+
+    def feed(self, data: bytes) -> None:
+        for frame in self.parser.feed(data):
+            if frame.event is not None:
+                self.events.append(frame.event)
+
+    @property
+    def data(self) -> list[str]:
+        return [e.data for e in self.events if e.event == "message"]
+
+
+def state(client: Client) -> StreamState:
+    """The stream's state (a call, so that type checkers do not narrow it)."""
+    return client.stream.state
+
+
+class World:
+    """The adapters around one core: records commands, plays bytes to clients."""
+
+    def __init__(self, max_streams: int = 100, queue_limit: int = 10_000) -> None:
+        self.core = Core(max_streams=max_streams, queue_limit_bytes=queue_limit, retry_ms=1000)
+        self.commands: list[tuple[str, tuple[bytes, ...]]] = []
+        self.gaps: list[ReadGap] = []
+        self.ready: list[Stream] = []
+        self.clients: dict[Stream, Client] = {}
+        self.malformed = 0
+
+    def do(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Subscribe):
+                self.commands.append(("SUBSCRIBE", action.keys))
+            elif isinstance(action, Unsubscribe):
+                self.commands.append(("UNSUBSCRIBE", action.keys))
+            elif isinstance(action, ReadGap):
+                self.gaps.append(action)
+            elif isinstance(action, Ready):
+                self.ready.append(action.stream)
+            elif isinstance(action, Deliver | Reset):
+                for stream in action.streams:
+                    assert stream.state is StreamState.LIVE
+                    self.clients[stream].feed(action.frame)
+            elif isinstance(action, Beat):
+                for stream in action.streams:
+                    self.clients[stream].beats += 1
+            elif isinstance(action, End):
+                client = self.clients.get(action.stream)
+                if client is not None:
+                    client.feed(action.frame)
+                    client.ended = action.reason
+            elif isinstance(action, Malformed):
+                self.malformed += 1
+
+    # -- inputs -------------------------------------------------------------
+
+    def connect(self, seq: int, epoch: str = EPOCH) -> None:
+        self.do(self.core.connection_up(epoch, seq))
+
+    def open(self, *channels: str, resume: Position | None = None, expires: float | None = None) -> Client:
+        stream = Stream(channels, resume, expires)
+        client = self.clients[stream] = Client(stream)
+        self.do(self.core.open(stream))
+        return client
+
+    def confirm(self, *channels: str) -> None:
+        for channel in channels:
+            self.do(self.core.confirmed(key(channel)))
+
+    def message(self, channel: str, seq: int, data: str, epoch: str = EPOCH) -> None:
+        self.do(self.core.message(key(channel), payload(seq, data, epoch)))
+
+    def catch_up(self, client: Client, replay: Replay | None = None) -> None:
+        """The adapter read the stream's history (or needed none): it goes live."""
+        client.feed(self.core.caught_up(client.stream, replay))
+
+    def leave(self, client: Client) -> None:
+        self.do(self.core.leave(client.stream))
+
+    def subscribed(self) -> set[bytes]:
+        """What Redis would hold subscribed, from the commands sent in order."""
+        held: set[bytes] = set()
+        for command, keys in self.commands:
+            (held.update if command == "SUBSCRIBE" else held.difference_update)(keys)
+        return held
+
+    def live(self, *channels: str, seq: int = 0) -> Client:
+        """A connected core with a live stream on `channels`, caught up."""
+        if not self.core.connected:
+            self.connect(seq)
+        client = self.open(*channels)
+        self.confirm(*channels)
+        assert state(client) is StreamState.CATCHING_UP
+        self.catch_up(client, self.replay_for(client))
+        assert state(client) is StreamState.LIVE
+        return client
+
+    def replay_for(self, client: Client, events: list[HistoryEvent] | None = None) -> Replay | None:
+        request = client.stream.history
+        if request is None:
+            return None
+        return Replay(EPOCH, self.core.position, events or [])
+
+
+# -- opening streams ---------------------------------------------------------------
+
+
+def test_a_first_stream_subscribes_and_goes_live_once_confirmed() -> None:
+    world = World()
+    world.connect(seq=5)
+    client = world.open("a")
+    assert world.commands == [("SUBSCRIBE", (key("a"),))]
+    assert state(client) is StreamState.WAITING and world.ready == []
+    world.confirm("a")
+    assert world.ready == [client.stream]
+    # Just confirmed: what was published between the position and the SUBSCRIBE
+    # taking effect must come from history.
+    assert client.stream.history is not None
+    assert client.stream.history.after == Position(EPOCH, 5) and not client.stream.history.check
+    world.catch_up(client, Replay(EPOCH, 6, [event(6, "a", "six")]))
+    world.message("a", 7, "seven")
+    assert client.data == ["six", "seven"]
+    assert client.parser.last_event_id == f"{EPOCH}-7"
+
+
+def test_two_streams_racing_on_a_new_channel_share_one_subscribe() -> None:
+    world = World()
+    world.connect(seq=0)
+    first, second = world.open("a"), world.open("a")
+    assert world.commands == [("SUBSCRIBE", (key("a"),))]
+    world.confirm("a")
+    assert set(world.ready) == {first.stream, second.stream}
+    for client in (first, second):
+        world.catch_up(client, world.replay_for(client))
+    world.message("a", 1, "x")
+    assert first.data == second.data == ["x"]
+
+
+def test_a_stream_on_a_channel_live_for_a_while_needs_no_history() -> None:
+    world = World()
+    world.live("a")
+    world.message("a", 1, "x")
+    late = world.open("a")
+    assert state(late) is StreamState.CATCHING_UP and late.stream.history is None
+    world.catch_up(late)
+    assert late.parser.last_event_id == f"{EPOCH}-1"  # the id-only frame: its start
+    world.message("a", 2, "y")
+    assert late.data == ["y"]
+
+
+def test_a_stream_waits_until_every_channel_is_live() -> None:
+    world = World()
+    world.live("a")
+    client = world.open("a", "b")
+    assert state(client) is StreamState.WAITING
+    world.message("a", 1, "not for it: it starts later")
+    world.confirm("b")
+    assert state(client) is StreamState.CATCHING_UP
+    world.catch_up(client, world.replay_for(client))
+    world.message("b", 2, "b2")
+    world.message("a", 3, "a3")
+    assert client.data == ["b2", "a3"]
+
+
+def test_max_streams_is_a_hard_limit_counted_at_open() -> None:
+    world = World(max_streams=2)
+    world.connect(seq=0)
+    world.open("a")
+    world.open("b")  # neither is live yet: both hold their slot already
+    with pytest.raises(Full):
+        world.open("c")
+    assert len(world.core.streams) == 2
+    assert key("c") not in world.core.channels
+
+
+def test_a_stopping_core_opens_nothing() -> None:
+    world = World()
+    world.connect(seq=0)
+    world.do(world.core.shutdown())
+    with pytest.raises(Unavailable):
+        world.open("a")
+
+
+# -- leaving --------------------------------------------------------------------
+
+
+def test_the_last_stream_leaving_unsubscribes_and_leaving_twice_does_nothing() -> None:
+    world = World()
+    first = world.live("a")
+    second = world.open("a")
+    world.leave(first)
+    assert world.subscribed() == {key("a")}
+    world.leave(second)
+    world.leave(second)
+    assert world.subscribed() == set()
+    assert world.commands.count(("UNSUBSCRIBE", (key("a"),))) == 1
+    assert world.core.streams == set() and world.core.channels == {}
+
+
+def test_a_stream_leaving_while_its_subscribe_is_pending_is_unsubscribed_on_confirmation() -> None:
+    world = World()
+    world.connect(seq=0)
+    client = world.open("a")
+    world.leave(client)
+    assert world.subscribed() == {key("a")}  # the SUBSCRIBE is on its way
+    world.confirm("a")
+    assert world.subscribed() == set()
+    assert world.core.channels == {}
+
+
+def test_a_stream_arriving_while_the_unsubscribe_on_confirmation_is_due_keeps_the_channel() -> None:
+    world = World()
+    world.connect(seq=0)
+    world.leave(world.open("a"))
+    again = world.open("a")
+    world.confirm("a")
+    assert world.subscribed() == {key("a")} and state(again) is StreamState.CATCHING_UP
+    assert world.commands == [("SUBSCRIBE", (key("a"),))]
+
+
+def test_a_stream_leaving_while_the_gap_is_replayed_is_unsubscribed() -> None:
+    """The orphan: a channel confirmed during recovery, not live yet, loses its last stream."""
+    world = World()
+    client = world.live("a")
+    world.do(world.core.connection_lost())
+    world.connect(seq=0)
+    world.confirm("a")
+    assert len(world.gaps) == 1  # the worker now reads the gap
+    world.leave(client)
+    assert world.subscribed() == set()
+    world.do(world.core.gap_read(Replay(EPOCH, 0)))
+    assert world.core.channels == {} and world.subscribed() == set()
+
+
+# -- reconnects, held and replayed events ----------------------------------------
+
+
+def test_held_replayed_and_live_events_reach_a_stream_once_each_in_order() -> None:
+    world = World()
+    client = world.live("a")
+    world.message("a", 1, "one")
+    world.do(world.core.connection_lost())
+    world.connect(seq=3)  # 2 and 3 were published while the worker was away
+    assert world.commands[-1] == ("SUBSCRIBE", (key("a"),))
+    world.message("a", 3, "three (held)")
+    world.message("a", 4, "four (held)")
+    world.confirm("a")
+    (gap,) = world.gaps
+    assert gap.after == Position(EPOCH, 1) and gap.channels == ("a",)
+    assert client.data == ["one"]  # nothing is dispatched while the gap is open
+    world.do(world.core.gap_read(Replay(EPOCH, 4, [event(2, "a", "two"), event(3, "a", "three")])))
+    world.message("a", 5, "five")
+    assert client.data == ["one", "two", "three", "four (held)", "five"]
+    assert world.core.channels[key("a")].state is ChannelState.LIVE
+
+
+def test_streams_opened_while_disconnected_wait_and_are_subscribed_on_connect() -> None:
+    world = World()
+    client = world.open("a")
+    assert world.commands == [] and state(client) is StreamState.WAITING
+    world.connect(seq=2)
+    assert world.commands == [("SUBSCRIBE", (key("a"),))]
+    world.confirm("a")
+    assert world.gaps == []  # a first connection has no gap
+    assert state(client) is StreamState.CATCHING_UP
+
+
+def test_a_stream_opened_during_recovery_goes_live_after_the_gap() -> None:
+    world = World()
+    world.live("a")
+    world.do(world.core.connection_lost())
+    world.connect(seq=0)
+    late = world.open("b")
+    world.confirm("a")
+    assert world.gaps == []  # b is not confirmed yet
+    world.confirm("b")
+    assert len(world.gaps) == 1 and state(late) is StreamState.WAITING
+    world.do(world.core.gap_read(Replay(EPOCH, 0)))
+    assert state(late) is StreamState.CATCHING_UP
+
+
+def test_live_events_during_catch_up_are_queued_and_duplicates_of_the_replay_dropped() -> None:
+    world = World()
+    world.live("a")
+    world.message("a", 1, "one")
+    resumer = world.open("a", resume=Position(EPOCH, 0))
+    assert resumer.stream.history is not None and resumer.stream.history.check
+    world.message("a", 2, "two")  # arrives while its history is read...
+    world.message("a", 3, "three")
+    # ...and history already holds 2 (read after it was published).
+    world.catch_up(resumer, Replay(EPOCH, 2, [event(1, "a", "one"), event(2, "a", "two")]))
+    world.message("a", 4, "four")
+    assert resumer.data == ["one", "two", "three", "four"]
+
+
+def test_a_resume_ahead_of_the_worker_drops_what_it_has_seen() -> None:
+    world = World()
+    client = world.live("a")
+    resumer = world.open("a", resume=Position(EPOCH, 3))  # from a replica further along
+    world.catch_up(resumer, Replay(EPOCH, 3, []))
+    for seq in (1, 2, 3, 4):
+        world.message("a", seq, str(seq))
+    assert resumer.data == ["4"]
+    assert client.data == ["1", "2", "3", "4"]
+
+
+def test_trimmed_history_resets_the_stream_which_then_goes_on_live() -> None:
+    world = World()
+    world.live("a", seq=10)
+    resumer = world.open("a", resume=Position(EPOCH, 2))
+    world.catch_up(resumer, Replay(EPOCH, 10, reset="history_trimmed"))
+    (reset,) = resumer.events
+    assert reset.event == "reset" and json.loads(reset.data) == {"reason": "history_trimmed"}
+    assert reset.id == f"{EPOCH}-10"
+    world.message("a", 11, "eleven")
+    assert resumer.data == ["eleven"]
+
+
+# -- epochs -----------------------------------------------------------------------
+
+
+def test_an_epoch_change_on_the_live_path_resets_every_stream_first() -> None:
+    world = World()
+    client = world.live("a")
+    world.message("a", 5, "old")
+    world.message("a", 1, "new", epoch=OTHER)
+    world.message("a", 2, "newer", epoch=OTHER)
+    kinds = [(e.event, e.data) for e in client.events]
+    assert kinds == [
+        ("message", "old"),
+        ("reset", '{"reason": "epoch_changed"}'),
+        ("message", "new"),
+        ("message", "newer"),
+    ]
+    assert client.events[1].id == f"{OTHER}-0"
+    assert world.core.epoch == OTHER
+
+
+def test_an_epoch_change_found_on_reconnect_resets_every_stream_and_reads_no_gap() -> None:
+    world = World()
+    client = world.live("a")
+    world.message("a", 7, "seven")
+    world.do(world.core.connection_lost())
+    world.connect(seq=2, epoch=OTHER)
+    world.confirm("a")
+    assert world.gaps == []
+    world.message("a", 3, "three", epoch=OTHER)
+    assert [e.event for e in client.events] == ["message", "reset", "message"]
+    assert client.events[1].id == f"{OTHER}-2"
+
+
+def test_an_epoch_change_while_a_stream_catches_up_reaches_it_in_order() -> None:
+    world = World()
+    world.live("a")
+    late = world.open("a", resume=Position(EPOCH, 0))
+    world.message("a", 1, "new", epoch=OTHER)
+    world.catch_up(late, Replay(EPOCH, 0, []))
+    assert [e.event for e in late.events] == ["reset", "message"]
+
+
+def test_a_stream_that_already_reset_to_the_new_epoch_skips_the_workers_reset() -> None:
+    world = World()
+    world.live("a")
+    late = world.open("a", resume=Position(EPOCH, 0))
+    world.message("a", 1, "new", epoch=OTHER)  # queued for it: a reset, then the event
+    # Its history read already saw the new epoch: it resets from there itself.
+    world.catch_up(late, Replay(OTHER, 1, reset="epoch_changed"))
+    assert [e.event for e in late.events] == ["reset"]
+    world.message("a", 2, "two", epoch=OTHER)
+    assert late.data == ["two"]
+
+
+# -- limits, time and the end --------------------------------------------------------
+
+
+def test_a_stream_whose_queue_overflows_while_catching_up_is_cut() -> None:
+    world = World(queue_limit=500)
+    world.live("a")
+    late = world.open("a", resume=Position(EPOCH, 0))
+    for seq in range(1, 20):
+        world.message("a", seq, "x" * 40)
+    assert late.ended == "slow" and state(late) is StreamState.CLOSED
+    assert late.stream not in world.core.streams
+    assert world.core.caught_up(late.stream, Replay(EPOCH, 0)).startswith(world.core.preamble)
+
+
+def test_a_tick_beats_live_streams_and_ends_expired_ones() -> None:
+    world = World()
+    world.connect(seq=0)
+    keeper = world.live("a")
+    expiring = world.open("a", expires=100.0)
+    world.catch_up(expiring)
+    world.do(world.core.tick(99.0))
+    assert keeper.beats == expiring.beats == 1 and expiring.ended is None
+    assert world.core.next_expiry() == 100.0
+    world.do(world.core.expire(100.0))
+    assert expiring.ended == "token_expired"
+    assert [e.event for e in expiring.events] == ["token_expired"]
+    assert world.core.next_expiry() is None
+    world.do(world.core.tick(101.0))
+    assert keeper.beats == 2 and expiring.beats == 1
+
+
+def test_shutdown_ends_every_stream_and_unsubscribes() -> None:
+    world = World()
+    clients = [world.live("a"), world.live("b")]
+    waiting = world.open("c")
+    world.do(world.core.shutdown())
+    assert [c.ended for c in clients] == ["shutdown", "shutdown"]
+    assert state(waiting) is StreamState.CLOSED
+    assert world.core.streams == set()
+
+
+def test_a_malformed_message_is_reported_and_skipped() -> None:
+    world = World()
+    client = world.live("a")
+    world.do(world.core.message(key("a"), b"garbage"))
+    world.do(world.core.message(key("a"), payload(1, "x", event="bad\nname")))
+    world.message("a", 2, "fine")
+    assert world.malformed == 2 and client.data == ["fine"]
