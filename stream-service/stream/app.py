@@ -112,8 +112,13 @@ class StreamBody:
         self._handed_over = True
         writer = SocketWriter(sock, chunked=chunked, limit_bytes=self._limit, on_end=self._on_end)
         self._stream.writer = writer
-        first = self._hub.go_live(self._stream, self._replay)
-        writer.start(head, first)
+        try:
+            first = self._hub.go_live(self._stream, self._replay)
+            writer.start(head, first)
+        except BaseException:
+            writer.end()
+            self._hub.leave(self._stream)
+            raise
         if self._stream.state is StreamState.CLOSED:
             writer.end()  # it ended while catching up
 

@@ -240,9 +240,10 @@ class YieldingWriter:
             self._wakeup.wait()
             self._wakeup.clear()
             items, self._items, self._queued = self._items, [], 0
-            if self.ended == "slow":
+            ended = self.ended  # as of these items: an end during the yield comes next round
+            if ended == "slow":
                 return
             if items:
                 yield b"".join(items)
-            if self.ended:
+            if ended:
                 return
