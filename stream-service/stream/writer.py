@@ -46,6 +46,7 @@ class SocketWriter:
     """
 
     __slots__ = (
+        "_backlog",
         "_keep",
         "_limit",
         "_on_end",
@@ -66,6 +67,9 @@ class SocketWriter:
         self._raw: socket.socket = getattr(sock, "_sock", sock)
         self._keep: Any = None
         self._limit = limit_bytes
+        # The part of the first write (head and catch-up) still queued: however
+        # long a replay is, it does not count against the limit for live events.
+        self._backlog = 0
         self._on_end = on_end
         self._pending: list[bytes] = []
         self._pending_bytes = 0
@@ -84,7 +88,9 @@ class SocketWriter:
         # readable only when the client hangs up.
         self._reader = loop.io(self._raw.fileno(), READ)
         self._reader.start(self._readable)
+        self._backlog = 1 << 62  # while the first write is queued
         self.send(head + (chunk(body) if self.chunked and body else body))
+        self._backlog = self._pending_bytes
 
     def send(self, data: bytes) -> bool:
         """Write `data` (already framed for this writer) or queue it; False if ended."""
@@ -103,7 +109,7 @@ class SocketWriter:
             data = data[sent:]
         self._pending.append(data)
         self._pending_bytes += len(data)
-        if self._pending_bytes > self._limit:
+        if self._pending_bytes > self._limit + self._backlog:
             self._finish("slow")
             return False
         if self._out is None:
@@ -147,6 +153,7 @@ class SocketWriter:
         rest = data[sent:]
         self._pending = [rest] if rest else []
         self._pending_bytes = len(rest)
+        self._backlog = min(self._backlog, len(rest))
         if not rest and self._out is not None:
             self._out.stop()
             self._out = None

@@ -78,6 +78,23 @@ def test_what_the_socket_does_not_take_is_written_as_it_drains_in_order(pair: Ca
     assert received == b"".join(frames) and ended == []
 
 
+def test_a_catch_up_longer_than_the_limit_is_not_a_slow_client(pair: Callable[..., Pair]) -> None:
+    writer, client, ended = pair(limit=64 * 1024)
+    replay = b"".join(b"data: %d %s\n\n" % (i, b"x" * 100) for i in range(20_000))  # ~2.2 MB
+    writer.start(b"HEAD\r\n\r\n", replay)
+    assert writer.ended is None and writer._pending
+    assert writer.send_frame(b"data: live\n\n")  # a live event behind the backlog is fine
+    expected = b"HEAD\r\n\r\n" + replay + b"data: live\n\n"
+    received = b""
+    client.settimeout(2)
+    while len(received) < len(expected):
+        received += client.recv(65536)
+    assert received == expected and ended == []
+    # Drained: the limit holds again for live events.
+    results = [writer.send_frame(b"y" * 4096) for _ in range(400)]
+    assert writer.ended == "slow" and False in results
+
+
 def test_a_client_that_does_not_read_is_cut_at_the_limit(pair: Callable[..., Pair]) -> None:
     writer, _client, ended = pair(limit=64 * 1024)
     writer.start(b"", b"")
