@@ -149,3 +149,27 @@ def test_flushed_redis_sends_reset_to_resuming_and_connected_clients(
         connected.close()
         resuming.close()
         db.close()
+
+
+def test_a_replay_larger_than_the_client_buffer_arrives_whole(
+    start: Callable[..., Service], publisher: Service, channel: str
+) -> None:
+    # The catch-up is written out however long it is; only live events that
+    # pile up behind a client that does not read count against the buffer.
+    service = start("stream", CLIENT_BUFFER_BYTES="16384")
+    first = open_stream(service.url, [channel])
+    head = first.last_id
+    first.close()
+    ids = []
+    for batch in range(14):  # 210 events of ~60 KB: more than loopback's socket buffers take at once
+        body = [{"channel": channel, "data": {"n": batch * 15 + i, "pad": "x" * 60_000}} for i in range(15)]
+        answer = post_events(publisher.url, body)
+        assert answer.status_code == 202, answer.text
+        ids += [event["id"] for event in answer.json()["events"]]
+    client = open_stream(service.url, [channel], header_id=head)
+    try:
+        got = client.wait_events(len(ids), timeout=30)  # ~12 MB of history, 750 times the buffer
+        assert [e.id for e in got] == ids
+        assert client.ended is None
+    finally:
+        client.close()
