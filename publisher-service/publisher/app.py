@@ -18,7 +18,7 @@ from werkzeug.exceptions import HTTPException
 from . import cors, logs, metrics
 from .config import Config
 from .metrics import EVENTS_PUBLISHED
-from .store import EventStore, Idempotency, KeyReused, Stored
+from .store import EventStore, Idempotency, KeyReused, NotReplicated, Stored
 from .validation import Event, InvalidRequest, event_from_form, events_from_json, parse_json
 
 log = logging.getLogger("herald.publisher")
@@ -45,6 +45,24 @@ def accepted_json(events: list[Stored], batch: bool) -> bytes:
     """
     items = ",".join([f'{{"channel":"{e.channel}","id":"{e.id}"}}' for e in events])
     return (f'{{"events":[{items}]}}\n' if batch else f"{items}\n").encode()
+
+
+def not_replicated(exc: NotReplicated, headers: dict[str, str]) -> Response:
+    """503: stored on the primary, not confirmed by enough replicas (PUBLISH_WAIT_REPLICAS).
+
+    The answer carries the ids: the events are in Redis and subscribers may
+    have them, but a failover now could lose them.
+    """
+    response = jsonify(
+        error="not_replicated",
+        message=f"the events were stored on the primary but only {exc.acked} of {exc.wanted} "
+        "replicas confirmed them in time; retry with the same Idempotency-Key to confirm "
+        "them without storing them twice",
+        events=[{"channel": e.channel, "id": e.id} for e in exc.published.events],
+    )
+    response.status_code = 503
+    response.headers.update(headers)
+    return response
 
 
 def make_redis(config: Config) -> redis.Redis:
@@ -147,7 +165,13 @@ def create_app(config: Config | None = None) -> Flask:
     if auth.open:
         log.warning("PUBLISH_TOKEN is empty: anyone who reaches /publish can publish")
     client = make_redis(config)
-    store = EventStore(client, config.history_maxlen, config.history_ttl_seconds)
+    store = EventStore(
+        client,
+        config.history_maxlen,
+        config.history_ttl_seconds,
+        wait_replicas=config.wait_replicas,
+        wait_timeout_seconds=config.wait_timeout_seconds,
+    )
     app.extensions["herald.store"] = store
     unavailable = {"Retry-After": str(config.retry_after_seconds)}
 
@@ -179,6 +203,9 @@ def create_app(config: Config | None = None) -> Flask:
                 "idempotency_key_reused",
                 "this Idempotency-Key was used with a different request",
             )
+        except NotReplicated as exc:
+            log.error("publish not replicated in time: %s", exc)
+            return not_replicated(exc, unavailable)
         except redis.TimeoutError as exc:
             # The script may have run after all (a frozen Redis resumes it later).
             log.error("publish timed out, outcome unknown: %s", exc)

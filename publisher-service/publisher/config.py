@@ -67,6 +67,8 @@ class Config:
     retry_after_seconds: int = 2
     idempotency_window_seconds: int = 86400
     cors_origins: tuple[str, ...] = ()
+    wait_replicas: int = 0
+    wait_timeout_seconds: float = 0.5
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -87,4 +89,16 @@ class Config:
                 env, "IDEMPOTENCY_WINDOW_SECONDS", cls.idempotency_window_seconds, 1
             ),
             cors_origins=_list(env, "CORS_ALLOWED_ORIGINS"),
+            wait_replicas=_int(env, "PUBLISH_WAIT_REPLICAS", cls.wait_replicas, 0),
+            wait_timeout_seconds=_number(
+                env, "PUBLISH_WAIT_TIMEOUT_SECONDS", cls.wait_timeout_seconds, 0.001
+            ),
         )
+
+    def __post_init__(self) -> None:
+        # WAIT's answer is read within the connection's own timeout.
+        if self.wait_replicas and self.wait_timeout_seconds >= self.redis_timeout_seconds:
+            raise ConfigError(
+                "PUBLISH_WAIT_TIMEOUT_SECONDS must be below REDIS_TIMEOUT_SECONDS "
+                f"({self.wait_timeout_seconds:g} >= {self.redis_timeout_seconds:g})"
+            )

@@ -36,6 +36,8 @@ PUBLISH_LUA = """
 if ARGV[4] ~= '' then
   local prior = redis.call('HMGET', KEYS[3], 'fingerprint', 'epoch', 'seqs')
   if prior[1] then
+    -- A write, so that a WAIT after this replay covers the first request's writes too.
+    redis.call('HINCRBY', KEYS[3], 'replays', 1)
     local seqs = {}
     for seq in string.gmatch(prior[3], '[^,]+') do seqs[#seqs + 1] = tonumber(seq) end
     return {prior[2], seqs, prior[1]}
@@ -111,6 +113,16 @@ class Published:
     replayed: bool
 
 
+class NotReplicated(Exception):
+    """Stored on the primary, but fewer replicas than required confirmed it in time."""
+
+    def __init__(self, published: Published, acked: int, wanted: int) -> None:
+        super().__init__(f"{acked} of {wanted} replicas confirmed the write")
+        self.published = published
+        self.acked = acked
+        self.wanted = wanted
+
+
 class EventStore:
     """Writes events to Redis following the contract.
 
@@ -124,10 +136,21 @@ class EventStore:
     is closed before it is used again.
     """
 
-    def __init__(self, client: redis.Redis, history_maxlen: int, history_ttl_seconds: int = 0) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        history_maxlen: int,
+        history_ttl_seconds: int = 0,
+        *,
+        wait_replicas: int = 0,
+        wait_timeout_seconds: float = 0.5,
+    ) -> None:
         self._client = client
         self._maxlen = history_maxlen
         self._ttl = history_ttl_seconds
+        # With replicas to wait for: WAIT after the script, on its connection
+        # (WAIT covers the writes of the connection it is sent on).
+        self._wait = ("WAIT", wait_replicas, max(1, round(wait_timeout_seconds * 1000)))
         self._sha = hashlib.sha1(PUBLISH_LUA.encode()).hexdigest()
         # Idle connections, last used first; one per publish in flight at most.
         self._idle: list[redis.connection.ConnectionInterface] = []
@@ -136,8 +159,11 @@ class EventStore:
         # does not pay for randomness from the OS.
         self._candidate = new_epoch()
 
-    def _call(self, command: tuple[str | int, ...]) -> Any:
-        """Run the script on a pooled connection: EVALSHA, or EVAL if Redis lacks it."""
+    def _call(self, command: tuple[str | int, ...]) -> tuple[Any, int]:
+        """Run the script on a pooled connection: EVALSHA, or EVAL if Redis lacks it.
+
+        Returns its reply and, with replicas to wait for, how many confirmed it.
+        """
         try:
             conn = self._idle.pop()
         except IndexError:
@@ -158,19 +184,26 @@ class EventStore:
         self._idle.append(conn)
         return reply
 
-    def _run(self, conn: redis.connection.ConnectionInterface, command: tuple[str | int, ...]) -> Any:
+    def _run(
+        self, conn: redis.connection.ConnectionInterface, command: tuple[str | int, ...]
+    ) -> tuple[Any, int]:
         conn.send_command("EVALSHA", self._sha, *command)
         try:
-            return conn.read_response()
+            reply = conn.read_response()
         except NoScriptError:
             conn.send_command("EVAL", PUBLISH_LUA, *command)
-            return conn.read_response()
+            reply = conn.read_response()
+        if not self._wait[1]:
+            return reply, 0
+        conn.send_command(*self._wait)
+        return reply, int(conn.read_response())
 
     def publish(self, events: Sequence[Event], idempotency: Idempotency | None = None) -> Published:
         """Store and announce `events` atomically, in order; return their ids.
 
         With an Idempotency-Key seen within its window, nothing is stored and
         the first answer is returned again (KeyReused if the request differs).
+        With replicas to wait for, NotReplicated if fewer confirmed in time.
         """
         record = IDEMPOTENCY_PREFIX + idempotency.key if idempotency else IDEMPOTENCY_PREFIX
         keys = [META_KEY, CHANNELS_KEY, record] + [STREAM_PREFIX + e.channel for e in events]
@@ -179,7 +212,7 @@ class EventStore:
         args += [idempotency.fingerprint, idempotency.window_seconds] if idempotency else ["", 0]
         for e in events:
             args += [e.channel, e.event, e.data]
-        epoch, seqs, prior = self._call((len(keys), *keys, *args))
+        (epoch, seqs, prior), acked = self._call((len(keys), *keys, *args))
         epoch = epoch.decode()
         if epoch == candidate:
             self._candidate = new_epoch()
@@ -187,7 +220,10 @@ class EventStore:
         if replayed and idempotency and prior.decode() != idempotency.fingerprint:
             raise KeyReused(idempotency.key)
         stored = [Stored(f"{epoch}-{seq}", e.channel) for e, seq in zip(events, seqs, strict=True)]
-        return Published(stored, replayed)
+        published = Published(stored, replayed)
+        if acked < self._wait[1]:
+            raise NotReplicated(published, acked, self._wait[1])
+        return published
 
     def ping(self) -> bool:
         """True when Redis answers."""

@@ -265,3 +265,12 @@ def test_stream_non_numbers_name_the_variable(name: str, value: str) -> None:
 def test_stream_non_finite_values_name_the_variable(name: str, value: str) -> None:
     with pytest.raises(StreamConfigError, match=name):
         StreamConfig.from_env({name: value})
+
+
+def test_waiting_for_replicas_must_end_before_the_redis_timeout() -> None:
+    config = PublisherConfig.from_env({"PUBLISH_WAIT_REPLICAS": "1", "PUBLISH_WAIT_TIMEOUT_SECONDS": "0.25"})
+    assert (config.wait_replicas, config.wait_timeout_seconds) == (1, 0.25)
+    with pytest.raises(PublisherConfigError, match="PUBLISH_WAIT_TIMEOUT_SECONDS must be below"):
+        PublisherConfig.from_env({"PUBLISH_WAIT_REPLICAS": "1", "PUBLISH_WAIT_TIMEOUT_SECONDS": "2"})
+    # Off (the default), the timeout is not used and not checked.
+    assert PublisherConfig.from_env({"PUBLISH_WAIT_TIMEOUT_SECONDS": "5"}).wait_replicas == 0
