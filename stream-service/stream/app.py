@@ -207,7 +207,7 @@ def create_app(config: Config | None = None) -> Flask:
         )
     )
     history = History(commands)
-    hub = Hub(config, commands, history)
+    hub = Hub(config, history)
     app.extensions["herald.hub"] = hub
     app.config[HANDOVER] = False
     app.wsgi_app = handover_wrapper(app.wsgi_app, lambda: app.config[HANDOVER])  # type: ignore[method-assign]

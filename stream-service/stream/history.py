@@ -35,6 +35,22 @@ return out
 """
 
 
+# KEYS[1] = meta hash; ARGV[1] = candidate epoch, ARGV[2] = the worker's epoch
+# ('' before its first connection), ARGV[3] = the last seq it dispatched.
+META_LUA = """
+redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq')
+local seq = tonumber(meta[2] or '0')
+if meta[1] == ARGV[2] and seq < tonumber(ARGV[3]) then
+  -- Events this worker dispatched are gone (a failover to a replica that lagged):
+  -- a new epoch begins, so that the numbers given out next never repeat an id.
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[1])
+  meta[1] = ARGV[1]
+end
+return {meta[1], seq}
+"""
+
+
 def new_epoch() -> str:
     """A fresh random epoch (12 hex digits), offered with HSETNX; the first one wins."""
     return secrets.token_hex(6)
@@ -74,6 +90,17 @@ class History:
 
     def __init__(self, client: redis.Redis) -> None:
         self._script = client.register_script(READ_LUA)
+        self._meta = client.register_script(META_LUA)
+
+    def meta(self, seen: Position | None) -> Position:
+        """The current epoch and sequence number, creating the epoch if there is none.
+
+        `seen` is the last position the caller dispatched: if Redis is behind
+        it in the same epoch (writes were lost), a new epoch begins first.
+        """
+        args: list[str | int] = [new_epoch(), seen.epoch, seen.seq] if seen else [new_epoch(), "", 0]
+        epoch, seq = self._meta(keys=[META_KEY], args=args)
+        return Position(epoch.decode(), int(seq))
 
     def read(self, channels: Sequence[str], after: Position, *, check: bool = True) -> Replay:
         """Events on `channels` after `after`, in publish order.

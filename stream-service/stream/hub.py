@@ -35,6 +35,7 @@ from .core import (
     End,
     Full,
     Malformed,
+    Position,
     ReadGap,
     Ready,
     Replay,
@@ -45,7 +46,7 @@ from .core import (
     Unavailable,
     Unsubscribe,
 )
-from .history import META_KEY, History, new_epoch
+from .history import History
 from .writer import chunk
 
 log = logging.getLogger("herald.stream.hub")
@@ -60,9 +61,8 @@ class WatchdogExpired(Exception):
 class Hub:
     """Subscriptions, fan-out and recovery for one worker process."""
 
-    def __init__(self, config: Config, commands: redis.Redis, history: History) -> None:
+    def __init__(self, config: Config, history: History) -> None:
         self._config = config
-        self._commands = commands
         self._history = history
         self.core = Core(
             max_streams=config.max_connections,
@@ -281,21 +281,15 @@ class Hub:
         conn = self._pool.make_connection()
         conn.connect()
         self._conn = conn
-        epoch, seq = self._meta()
-        self._do(self.core.connection_up(epoch, seq))
+        core = self.core
+        now = self._history.meta(Position(core.epoch, core.position) if core.epoch else None)
+        self._do(core.connection_up(now.epoch, now.seq))
         log.info(
             "Pub/Sub connected: epoch %s, position %d, %d channels",
             self.core.epoch,
             self.core.position,
             len(self.core.channels),
         )
-
-    def _meta(self) -> tuple[str, int]:
-        pipe = self._commands.pipeline(transaction=True)
-        pipe.hsetnx(META_KEY, "epoch", new_epoch())
-        pipe.hmget(META_KEY, "epoch", "seq")
-        _, (epoch, seq) = pipe.execute()
-        return epoch.decode(), int(seq or 0)
 
     def _read_forever(self) -> None:
         watchdog = self._config.watchdog_seconds

@@ -173,3 +173,37 @@ def test_a_replay_larger_than_the_client_buffer_arrives_whole(
         assert client.ended is None
     finally:
         client.close()
+
+
+def test_writes_lost_in_a_failover_start_a_new_epoch_so_no_id_repeats(
+    start: Callable[..., Service], redis_url: str, channel: str
+) -> None:
+    # What a failover to a replica that lagged looks like to the services: the
+    # same epoch, but the last events and the counter behind what was delivered.
+    url = redis_url.rsplit("/", 1)[0] + "/6"
+    db = redis.Redis.from_url(url)
+    db.flushdb()
+    pub = start("publisher", redis_url_override=url)
+    sse = start("stream", redis_url_override=url)
+    client = open_stream(sse.url, [channel])
+    try:
+        ids = [post_events(pub.url, {"channel": channel, "data": i}).json()["id"] for i in range(5)]
+        assert [e.id for e in client.wait_events(5)] == ids
+        epoch = ids[0].split("-")[0]
+        db.hset("herald:meta", "seq", 3)  # events 4 and 5 are gone...
+        db.xdel(f"herald:stream:{channel}", "4-0", "5-0")
+        db.execute_command("XSETID", f"herald:stream:{channel}", "3-0")  # as on the replica
+        db.hset("herald:channels", channel, 3)
+        db.client_kill_filter(_type="pubsub")  # ...and the stream worker reconnects
+        reset = client.wait_events(6)[5]
+        assert reset.event == "reset" and json.loads(reset.data) == {"reason": "epoch_changed"}
+        new_epoch = reset.id.split("-")[0]
+        assert new_epoch != epoch and db.hget("herald:meta", "epoch") == new_epoch.encode()
+        answer = post_events(pub.url, {"channel": channel, "data": "after"})
+        assert answer.status_code == 202, answer.text
+        after = answer.json()["id"]
+        assert after.split("-")[0] == new_epoch and after not in ids  # seq 4 again, but a new id
+        assert client.wait_events(7)[6].id == after
+    finally:
+        client.close()
+        db.close()
