@@ -116,8 +116,7 @@ class StreamBody:
             first = self._hub.go_live(self._stream, self._replay)
             writer.start(head, first)
         except BaseException:
-            writer.end()
-            self._hub.leave(self._stream)
+            self._hub.leave(self._stream)  # which ends the writer
             raise
         if self._stream.state is StreamState.CLOSED:
             writer.end()  # it ended while catching up
@@ -143,9 +142,7 @@ class StreamBody:
             return
         if self._frames is not None:
             self._frames.close()  # type: ignore[attr-defined]
-        if self._stream.writer is not None:
-            self._stream.writer.end()
-        self._hub.leave(self._stream)
+        self._hub.leave(self._stream)  # which ends the writer
 
 
 def response_head(status: str, headers: list[tuple[str, str]], chunked: bool) -> bytes:

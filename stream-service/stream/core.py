@@ -269,7 +269,8 @@ class Beat:
 
 @dataclass(frozen=True, slots=True)
 class End:
-    """`stream` is over: write `frame` (if any), end the response, close the socket."""
+    """`stream` is over (it left the core with this action): write `frame` (if
+    any), end the response, close the socket, count it by `reason`."""
 
     stream: Stream
     reason: str
@@ -347,10 +348,11 @@ class Core:
             actions.append(self._make_ready(stream))
         return actions
 
-    def leave(self, stream: Stream, reason: str = "gone") -> list[Action]:
+    def leave(self, stream: Stream, reason: str = "gone", frame: bytes = b"") -> list[Action]:
         """`stream` is over (the client left, its writer failed, it timed out...).
 
-        Idempotent. Unsubscribes the channels it was the last local stream of.
+        Idempotent. Ends the stream (after `frame`, if any) and unsubscribes
+        the channels it was the last local stream of.
         """
         if stream.state is StreamState.CLOSED:
             return []
@@ -372,7 +374,8 @@ class Core:
             del self.channels[key]
             if self.connected and channel.state is not ChannelState.SUBSCRIBING:
                 gone.append(key)
-        return [Unsubscribe(tuple(gone))] if gone else []
+        actions: list[Action] = [End(stream, reason, frame)]
+        return [*actions, Unsubscribe(tuple(gone))] if gone else actions
 
     def caught_up(self, stream: Stream, replay: Replay | None) -> bytes:
         """History was read for `stream` (None: none was needed); it goes live.
@@ -595,7 +598,6 @@ class Core:
     def _cut(self, streams: list[Stream]) -> list[Action]:
         actions: list[Action] = []
         for stream in streams:
-            actions.append(End(stream, "slow"))
             actions += self.leave(stream, "slow")
         return actions
 
@@ -634,10 +636,8 @@ class Core:
         actions: list[Action] = []
         while self._expiries and self._expiries[0][0] <= now:
             _, _, stream = heapq.heappop(self._expiries)
-            if stream.state is not StreamState.CLOSED:
-                # (One not live yet learns it from caught_up.)
-                actions.append(End(stream, "token_expired", TOKEN_EXPIRED))
-                actions += self.leave(stream, "token_expired")
+            # (A stream not live yet learns it from caught_up.)
+            actions += self.leave(stream, "token_expired", TOKEN_EXPIRED)
         return actions
 
     def next_expiry(self) -> float | None:
@@ -651,6 +651,5 @@ class Core:
         self.stopping = True
         actions: list[Action] = []
         for stream in list(self.streams):
-            actions.append(End(stream, "shutdown"))
             actions += self.leave(stream, "shutdown")
         return actions

@@ -176,11 +176,8 @@ class Hub:
         return self.core.caught_up(stream, replay)
 
     def leave(self, stream: Stream, reason: str = "gone") -> None:
-        """The stream is over (idempotent): unsubscribe what no one else needs."""
-        if reason == "slow" and stream.state is not StreamState.CLOSED:
-            metrics.DROPPED_SLOW.inc()
+        """The stream is over (idempotent): end it, unsubscribe what no one else needs."""
         self._do(self.core.leave(stream, reason))
-        metrics.CLIENTS.set(self.clients)
 
     # -- carrying out the core's decisions -----------------------------------
 
@@ -223,6 +220,7 @@ class Hub:
             metrics.DELIVERED.inc(delivered)
 
     def _end(self, action: End) -> None:
+        """Every stream's end passes here once: its writer, its waiter, the counters."""
         if action.reason == "slow":
             metrics.DROPPED_SLOW.inc()
         waiter = self._waiters.get(action.stream)

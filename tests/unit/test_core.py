@@ -253,7 +253,10 @@ def test_the_last_stream_leaving_unsubscribes_and_leaving_twice_does_nothing() -
     world.leave(first)
     assert world.subscribed() == {key("a")}
     world.leave(second)
+    second.ended = None
     world.leave(second)
+    assert second.ended is None  # one End per stream: its writer ends, it is counted, once
+    assert first.ended == "gone"
     assert world.subscribed() == set()
     assert world.commands.count(("UNSUBSCRIBE", (key("a"),))) == 1
     assert world.core.streams == set() and world.core.channels == {}
