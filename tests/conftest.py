@@ -19,6 +19,7 @@ import redis
 import requests
 from hypothesis import settings as hypothesis_settings
 
+from tests.support.cluster import Cluster, running_cluster
 from tests.support.docker import REDIS_IMAGE, in_ci, require_docker
 from tests.support.services import Service, start_service
 
@@ -43,6 +44,15 @@ def redis_url() -> Iterator[str]:
         host = container.get_container_host_ip()
         port = container.get_exposed_port(6379)
         yield f"redis://{host}:{port}/0"
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[Cluster]:
+    """A real Redis Cluster (3 masters, 3 replicas) for the whole session.
+    A test that hurts it (kills a node) makes it whole again before it ends."""
+    require_docker("the Redis Cluster tests")
+    with running_cluster(REDIS_IMAGE) as cluster:
+        yield cluster
 
 
 @pytest.fixture

@@ -18,7 +18,18 @@ from werkzeug.exceptions import HTTPException
 from . import cors, logs, metrics
 from .config import Config
 from .metrics import EVENTS_PUBLISHED
-from .store import EventStore, Idempotency, KeyReused, NotReplicated, Stored
+from .store import (
+    Cluster,
+    EventStore,
+    Idempotency,
+    KeyReused,
+    NotReplicated,
+    PartiallyStored,
+    PartitionsMismatch,
+    Standalone,
+    Stored,
+    Topology,
+)
 from .validation import Event, InvalidRequest, event_from_form, events_from_json, parse_json
 
 log = logging.getLogger("herald.publisher")
@@ -65,6 +76,32 @@ def not_replicated(exc: NotReplicated, headers: dict[str, str]) -> Response:
     return response
 
 
+def partially_stored(exc: PartiallyStored, headers: dict[str, str]) -> Response:
+    """503: a batch over several partitions, some of them stored, then Redis failed.
+
+    `events` names, per event of the request in order, its id if it was stored,
+    else null. After a timeout (the failing partition's outcome is unknown) the
+    answer is `redis_timeout`, and null means "maybe".
+    """
+    retry = "retry with the same Idempotency-Key to store the rest exactly once"
+    if exc.unknown:
+        code = "redis_timeout"
+        message = (
+            f"Redis did not answer in time: the events named were stored, the others may have been; {retry}"
+        )
+    else:
+        code = "partially_stored"
+        message = f"Redis failed after some of the events were stored (the ones named); {retry}"
+    response = jsonify(
+        error=code,
+        message=message,
+        events=[None if e is None else {"channel": e.channel, "id": e.id} for e in exc.events],
+    )
+    response.status_code = 503
+    response.headers.update(headers)
+    return response
+
+
 def make_redis(config: Config) -> redis.Redis:
     """A Redis client for publishing.
 
@@ -77,6 +114,14 @@ def make_redis(config: Config) -> redis.Redis:
         socket_connect_timeout=config.redis_timeout_seconds,
         retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
     )
+
+
+def make_topology(config: Config) -> Topology:
+    """Where the partitions live: one Redis server (REDIS_URL), or a Redis Cluster
+    (REDIS_MODE=cluster, REDIS_URL a seed node; reached on first use)."""
+    if config.redis_mode == "cluster":
+        return Cluster(config.redis_url, config.redis_timeout_seconds)
+    return Standalone(make_redis(config))
 
 
 class Authenticator:
@@ -164,13 +209,14 @@ def create_app(config: Config | None = None) -> Flask:
     auth = Authenticator(config.publish_tokens)
     if auth.open:
         log.warning("PUBLISH_TOKEN is empty: anyone who reaches /publish can publish")
-    client = make_redis(config)
     store = EventStore(
-        client,
+        make_topology(config),
         config.history_maxlen,
         config.history_ttl_seconds,
+        partitions=config.partitions,
         wait_replicas=config.wait_replicas,
         wait_timeout_seconds=config.wait_timeout_seconds,
+        redis_timeout_seconds=config.redis_timeout_seconds,
     )
     app.extensions["herald.store"] = store
     unavailable = {"Retry-After": str(config.retry_after_seconds)}
@@ -206,6 +252,12 @@ def create_app(config: Config | None = None) -> Flask:
         except NotReplicated as exc:
             log.error("publish not replicated in time: %s", exc)
             return not_replicated(exc, unavailable)
+        except PartiallyStored as exc:
+            log.error("publish partially stored: %s", exc)
+            return partially_stored(exc, unavailable)
+        except PartitionsMismatch as exc:
+            log.error("publish refused, misconfigured: %s", exc)
+            return error(503, "misconfigured", str(exc), unavailable)
         except redis.TimeoutError as exc:
             # The script may have run after all (a frozen Redis resumes it later).
             log.error("publish timed out, outcome unknown: %s", exc)
@@ -218,11 +270,13 @@ def create_app(config: Config | None = None) -> Flask:
             )
         except redis.RedisError as exc:
             log.error("publish failed, Redis unavailable: %s", exc)
+            if isinstance(exc, redis.exceptions.MovedError) and config.redis_mode != "cluster":
+                log.error("Redis answered MOVED: REDIS_URL is a cluster node; set REDIS_MODE=cluster")
             return error(
                 503, "redis_unavailable", "events cannot be stored right now; retry later", unavailable
             )
-        if not published.replayed:
-            EVENTS_PUBLISHED.inc(len(events))
+        if published.new:
+            EVENTS_PUBLISHED.inc(published.new)
         response = Response(accepted_json(published.events, batch), 202, mimetype="application/json")
         if published.replayed:
             response.headers["Idempotent-Replayed"] = "true"

@@ -51,6 +51,27 @@ def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
 
 # --- end of the shared conventions ----------------------------------------------
 
+# Most partitions (docs/redis-contract.md); each one is a few keys and one
+# script call per request that touches it.
+MAX_PARTITIONS = 1024
+REDIS_MODES = ("standalone", "cluster")
+
+
+def _partitions(env: Mapping[str, str], default: int) -> int:
+    value = _int(env, "PARTITIONS", default, 1)
+    if value > MAX_PARTITIONS:
+        raise ConfigError(f"PARTITIONS must be at most {MAX_PARTITIONS}, got {value}")
+    return value
+
+
+def _redis_mode(env: Mapping[str, str], default: str) -> str:
+    raw = env.get("REDIS_MODE", "").strip()
+    if not raw:
+        return default
+    if raw.lower() not in REDIS_MODES:
+        raise ConfigError(f"REDIS_MODE must be one of {', '.join(REDIS_MODES)}, got {raw!r}")
+    return raw.lower()
+
 
 @dataclass(frozen=True)
 class Config:
@@ -69,6 +90,8 @@ class Config:
     cors_origins: tuple[str, ...] = ()
     wait_replicas: int = 0
     wait_timeout_seconds: float = 0.5
+    partitions: int = 1
+    redis_mode: str = "standalone"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -93,9 +116,15 @@ class Config:
             wait_timeout_seconds=_number(
                 env, "PUBLISH_WAIT_TIMEOUT_SECONDS", cls.wait_timeout_seconds, 0.001
             ),
+            partitions=_partitions(env, cls.partitions),
+            redis_mode=_redis_mode(env, cls.redis_mode),
         )
 
     def __post_init__(self) -> None:
+        if not 1 <= self.partitions <= MAX_PARTITIONS:
+            raise ConfigError(f"PARTITIONS must be 1 to {MAX_PARTITIONS}, got {self.partitions}")
+        if self.redis_mode not in REDIS_MODES:
+            raise ConfigError(f"REDIS_MODE must be one of {', '.join(REDIS_MODES)}, got {self.redis_mode!r}")
         # WAIT's answer is read within the connection's own timeout.
         if self.wait_replicas and self.wait_timeout_seconds >= self.redis_timeout_seconds:
             raise ConfigError(

@@ -15,9 +15,10 @@ from werkzeug.exceptions import HTTPException
 from . import logs, metrics
 from .auth import AccessDenied, authorize, find_token
 from .config import Config
-from .core import BadEventId, Full, Position, Replay, Stream, StreamState, Unavailable
+from .core import BadEventId, Full, Replay, ResumeId, Stream, StreamState, Unavailable, parse_event_id
 from .history import History
 from .hub import Hub
+from .topology import Topology
 from .writer import SocketWriter, YieldingWriter
 
 log = logging.getLogger("herald.stream")
@@ -57,7 +58,7 @@ def parse_channels(values: list[str], limit: int) -> list[str]:
     return channels
 
 
-def parse_last_event_id() -> Position | None:
+def parse_last_event_id() -> ResumeId | None:
     """The resume point: the Last-Event-ID header (reconnects), else ?lastEventId=."""
     raw = request.headers.get("Last-Event-ID")
     if raw is None or not raw.strip():
@@ -65,7 +66,7 @@ def parse_last_event_id() -> Position | None:
     if raw is None or not raw.strip():
         return None
     try:
-        return Position.parse(raw)
+        return parse_event_id(raw)
     except BadEventId as exc:
         raise BadRequest("invalid_last_event_id", str(exc)) from None
 
@@ -96,7 +97,7 @@ class StreamBody:
     that was never handed over.
     """
 
-    def __init__(self, hub: Hub, stream: Stream, replay: Replay | None, limit_bytes: int) -> None:
+    def __init__(self, hub: Hub, stream: Stream, replay: dict[int, Replay] | None, limit_bytes: int) -> None:
         self._hub = hub
         self._stream = stream
         self._replay = replay
@@ -194,17 +195,9 @@ def create_app(config: Config | None = None) -> Flask:
     app = Flask(__name__)
     logs.init_app(app)
     metrics.init_app(app)
-    commands = redis.Redis(
-        connection_pool=redis.BlockingConnectionPool.from_url(
-            config.redis_url,
-            max_connections=config.redis_pool_size,
-            timeout=config.subscribe_timeout_seconds,
-            socket_timeout=config.subscribe_timeout_seconds,
-            socket_connect_timeout=config.subscribe_timeout_seconds,
-        )
-    )
-    history = History(commands)
-    hub = Hub(config, history)
+    topology = Topology(config)
+    history = History(topology.client, config.partitions)
+    hub = Hub(config, history, topology)
     app.extensions["herald.hub"] = hub
     app.config[HANDOVER] = False
     app.wsgi_app = handover_wrapper(app.wsgi_app, lambda: app.config[HANDOVER])  # type: ignore[method-assign]
@@ -260,7 +253,7 @@ def create_app(config: Config | None = None) -> Flask:
     @app.get("/readyz")
     def readyz() -> Response:
         try:
-            commands.ping()
+            topology.client().ping()
         except redis.RedisError as exc:
             return error(503, "redis_unavailable", f"Redis is not reachable: {exc}", unavailable)
         return jsonify(status="ready")

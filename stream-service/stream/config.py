@@ -52,6 +52,10 @@ def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
 # --- end of the shared conventions ----------------------------------------------
 
 
+MAX_PARTITIONS = 1024
+REDIS_MODES = ("standalone", "cluster")
+
+
 @dataclass(frozen=True)
 class Config:
     """Settings of the stream service; see .env.example for each one."""
@@ -70,6 +74,8 @@ class Config:
     private_prefix: str = "private-"
     token_cookie: str = "herald_token"
     cors_origins: tuple[str, ...] = ()
+    partitions: int = 1
+    redis_mode: str = "standalone"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -90,4 +96,12 @@ class Config:
             private_prefix=env.get("PRIVATE_CHANNEL_PREFIX", cls.private_prefix),
             token_cookie=env.get("SUBSCRIBE_TOKEN_COOKIE", "").strip() or cls.token_cookie,
             cors_origins=_list(env, "CORS_ALLOWED_ORIGINS"),
+            partitions=_int(env, "PARTITIONS", 1, 1),
+            redis_mode=env.get("REDIS_MODE", "").strip().lower() or cls.redis_mode,
         )
+
+    def __post_init__(self) -> None:
+        if self.partitions > MAX_PARTITIONS:
+            raise ConfigError(f"PARTITIONS must be at most {MAX_PARTITIONS}, got {self.partitions}")
+        if self.redis_mode not in REDIS_MODES:
+            raise ConfigError(f"REDIS_MODE must be one of {', '.join(REDIS_MODES)}, got {self.redis_mode!r}")

@@ -1,22 +1,30 @@
-"""The stream service's core: every channel and stream of one worker, and every
-decision about them, with no I/O (no gevent, no sockets, no redis-py).
+"""The stream service's core: every partition, channel and stream of one worker,
+and every decision about them, with no I/O (no gevent, no sockets, no redis-py).
 
 Inputs are method calls: a stream opens or leaves, Redis confirms a
-subscription, a message arrives, the connection is lost or back, history was
-read, a tick. Each returns what to do, as actions (`Subscribe`, `Deliver`,
-`Reset`, ...), which the adapters carry out: `hub.py` (Redis Pub/Sub, timers)
-and `writer.py` (one writer per stream, the only code that touches its socket).
+subscription, a message arrives, a partition's connection is lost or back,
+history was read, a tick. Each returns what to do, as actions (`Subscribe`,
+`Deliver`, `Reset`, ...), which the adapters carry out: `hub.py` (Redis
+Pub/Sub, timers) and `writer.py` (one writer per stream, the only code that
+touches its socket).
 
 The rules, in one place:
+- Channels are hashed into partitions (docs/redis-contract.md); each partition
+  has its own epoch and sequence, and its own connection state here: it is
+  connected or not, recovering (resubscribing and replaying its gap) or live.
 - A channel is subscribed in Redis while it has local streams, or while a
   SUBSCRIBE for it is unconfirmed (its confirmation then unsubscribes it).
-- Sequence numbers are global and increasing within an epoch. The core drops a
-  message at or below its position (already dispatched from history after a
-  reconnect); a stream drops one at or below its own position (already sent to
-  it from history while it caught up). Nowhere else is anything dropped.
+- Sequence numbers increase within a partition's epoch. The core drops a
+  message at or below its partition's position (already dispatched from
+  history after a reconnect); a stream drops one at or below its own position
+  in that partition (already sent to it from history while it caught up).
+  Nowhere else is anything dropped.
 - A stream is WAITING until its channels are live, CATCHING_UP while the
   adapter reads its history (live events are queued for it meanwhile, bounded),
   then LIVE: each event goes to its writer as it arrives.
+- A stream whose channels lie in one partition carries that partition's ids,
+  `<epoch>-<seq>`, and every such stream gets the very same bytes per event.
+  A stream over several partitions carries a vector id, its position in each.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import enum
 import heapq
 import json
 import re
+import zlib
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -32,37 +41,88 @@ from typing import Any
 
 from . import sse
 
-LIVE_PREFIX = b"herald:live:"
-EVENT_ID_RE = re.compile(r"([0-9a-f]{12})-([0-9]{1,18})")
+PLAIN_ID_RE = re.compile(r"([0-9a-f]{12})-([0-9]{1,18})")
+ENTRY_ID_RE = re.compile(r"([0-9]{1,4})\.([0-9a-f]{12})-([0-9]{1,18})")
+MAX_ID_ENTRIES = 64
 PREAMBLE_COMMENT = sse.comment(b"ok")
 HEARTBEAT = sse.comment(b"hb")
 TOKEN_EXPIRED = sse.frame(json.dumps({"reason": "token_expired"}).encode(), event=b"token_expired")
+
+
+# -- partitions and keys ----------------------------------------------------------
+
+
+def partition_of(channel: str, partitions: int) -> int:
+    """The channel's partition: CRC-32 of its name, modulo the partition count."""
+    return zlib.crc32(channel.encode()) % partitions
+
+
+def tag(partition: int) -> str:
+    """The hash tag prefix of every key of `partition`."""
+    return f"herald:{{p{partition}}}"
+
+
+def live_key(channel: str, partition: int) -> bytes:
+    """The sharded Pub/Sub channel that carries `channel`'s events."""
+    return f"{tag(partition)}:live:{channel}".encode()
+
+
+def channel_name(key: bytes) -> str:
+    """The channel a live key carries (`herald:{p<N>}:live:<channel>`)."""
+    return key.split(b":live:", 1)[1].decode()
 
 
 # -- positions and frames -------------------------------------------------------
 
 
 class BadEventId(ValueError):
-    """A Last-Event-ID / lastEventId that is not `<12 hex epoch>-<seq>`."""
+    """A Last-Event-ID / lastEventId that is neither form of an event id."""
 
 
 @dataclass(frozen=True, slots=True)
 class Position:
-    """A point in the event sequence: an epoch and the last sequence number seen."""
+    """A point in one partition's event sequence: its epoch and a sequence number."""
 
     epoch: str
     seq: int
 
     @classmethod
     def parse(cls, text: str) -> Position:
-        """Parse an event id as sent in `id:` fields; raise BadEventId otherwise."""
-        match = EVENT_ID_RE.fullmatch(text.strip())
+        """Parse a plain event id, `<epoch>-<seq>`; raise BadEventId otherwise."""
+        match = PLAIN_ID_RE.fullmatch(text.strip())
         if not match:
             raise BadEventId("the last event id must look like <12 hex digits>-<number>")
         return cls(match[1], int(match[2]))
 
     def __str__(self) -> str:
         return f"{self.epoch}-{self.seq}"
+
+
+# A resume point as the client sent it: a plain id (partition None, to be
+# matched with the stream's one partition), or a vector {partition: position}.
+ResumeId = dict[int | None, Position]
+
+
+def parse_event_id(text: str) -> ResumeId:
+    """Parse a Last-Event-ID: `<epoch>-<seq>`, or `<p>.<epoch>-<seq>` entries joined by `_`."""
+    text = text.strip()
+    match = PLAIN_ID_RE.fullmatch(text)
+    if match:
+        return {None: Position(match[1], int(match[2]))}
+    entries = text.split("_")
+    out: ResumeId = {}
+    for entry in entries[:MAX_ID_ENTRIES]:
+        match = ENTRY_ID_RE.fullmatch(entry)
+        if not match or int(match[1]) in out:
+            break
+        out[int(match[1])] = Position(match[2], int(match[3]))
+    else:
+        if len(entries) <= MAX_ID_ENTRIES:
+            return out
+    raise BadEventId(
+        "the last event id must be an id this service sent: <12 hex digits>-<number>, "
+        f"or up to {MAX_ID_ENTRIES} entries <partition>.<12 hex digits>-<number> joined by _"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,24 +137,38 @@ class HistoryEvent:
 
 @dataclass(slots=True)
 class Replay:
-    """History as read for a stream (or for the worker after a reconnect):
-    the missed events, or a reset and why."""
+    """History of one partition as read for a stream (or for the worker after a
+    reconnect): the missed events, or a reset and why."""
 
     epoch: str
-    seq: int  # the newest sequence number in Redis when history was read
+    seq: int  # the partition's newest sequence number in Redis when history was read
     events: list[HistoryEvent] = field(default_factory=list)
     reset: str | None = None
 
 
+def event_body(event: bytes, data: bytes) -> bytes:
+    """An event's frame without its id line: event, data, blank line."""
+    return sse.frame(data, event=event)
+
+
+def with_id(id: bytes, body: bytes) -> bytes:
+    """A frame: the `id:` line, then the body (ids are built here, never from input)."""
+    return b"id: " + id + b"\n" + body
+
+
 def event_frame(epoch: bytes, seq: bytes, event: bytes, data: bytes) -> bytes:
     """The SSE frame of one event; its id is `<epoch>-<seq>`."""
-    return sse.frame(data, event=event, id=epoch + b"-" + seq)
+    return with_id(epoch + b"-" + seq, event_body(event, data))
+
+
+def reset_body(reason: str) -> bytes:
+    """A `reset` event without its id: history cannot cover the gap."""
+    return sse.frame(json.dumps({"reason": reason}).encode(), event=b"reset")
 
 
 def reset_frame(reason: str, position: Position) -> bytes:
-    """A `reset` event: history cannot cover the gap; the client continues from `position`."""
-    data = json.dumps({"reason": reason}).encode()
-    return sse.frame(data, event=b"reset", id=str(position).encode())
+    """A `reset` event; the client continues from `position`."""
+    return with_id(str(position).encode(), reset_body(reason))
 
 
 # -- errors -------------------------------------------------------------------
@@ -114,23 +188,61 @@ class Full(Unavailable):
 # -- records ------------------------------------------------------------------
 
 
+class Partition:
+    """One partition as this worker sees it: its connection, epoch and position."""
+
+    __slots__ = (
+        "connected",
+        "epoch",
+        "epoch_b",
+        "gap_from",
+        "held",
+        "number",
+        "position",
+        "reading_gap",
+        "recovering",
+        "unconfirmed",
+    )
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.connected = False
+        self.recovering = False  # connected, resubscribing and replaying the gap
+        self.epoch: str | None = None
+        self.epoch_b = b""
+        self.position = 0  # the last sequence number dispatched
+        self.gap_from: Position | None = None  # where the gap replay starts, if one is due
+        self.reading_gap = False  # a ReadGap is out; recovery ends with its gap_read
+        self.unconfirmed = 0  # channels with an outstanding SUBSCRIBE during recovery
+        self.held: list[tuple[bytes, bytes]] = []  # messages that arrived during recovery
+
+    @property
+    def ready(self) -> bool:
+        return self.connected and not self.recovering
+
+    def set_epoch(self, epoch: str, seq: int) -> None:
+        self.epoch, self.epoch_b, self.position = epoch, epoch.encode(), seq
+
+
 class ChannelState(enum.Enum):
     SUBSCRIBING = "subscribing"  # a SUBSCRIBE is due or unconfirmed
-    CONFIRMED = "confirmed"  # subscribed, but the worker is replaying its gap: not live yet
+    CONFIRMED = "confirmed"  # subscribed, but the partition is replaying its gap: not live yet
     LIVE = "live"  # subscribed, and every event after `live_at` comes live
 
 
 class Channel:
-    """One channel of this worker: its local streams and its subscription."""
+    """One channel of this worker: its partition, its local streams, its subscription."""
 
-    __slots__ = ("key", "live_at", "outstanding", "state", "streams")
+    __slots__ = ("key", "live_at", "name", "outstanding", "part", "state", "streams")
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, name: str, part: Partition) -> None:
         self.key = key
+        self.name = name
+        self.part = part
         self.streams: set[Stream] = set()
         self.state = ChannelState.SUBSCRIBING
         self.outstanding = 0  # SUBSCRIBE commands sent and not confirmed
-        self.live_at: int | None = None  # the worker's position when it went live
+        self.live_at: int | None = None  # the partition's position when it went live
 
 
 class StreamState(enum.Enum):
@@ -144,23 +256,28 @@ class StreamState(enum.Enum):
 class EventItem:
     """A live event queued for a stream that is catching up."""
 
+    part: int
     seq: int
-    frame: bytes
+    frame: bytes  # with the partition's own id
+    body: bytes  # without an id line
 
 
 @dataclass(frozen=True, slots=True)
 class ResetItem:
-    """A reset queued for a stream that is catching up: it moves the stream to `to`."""
+    """A reset queued for a stream that is catching up: it moves partition `part` to `to`."""
 
+    part: int
     to: Position
     frame: bytes
+    body: bytes
 
 
 Item = EventItem | ResetItem
 
 
 class Stream:
-    """One client's stream: its channels, its position, its queue while catching up.
+    """One client's stream: its channels, its position in each of their
+    partitions, its queue while catching up.
 
     `writer` belongs to the adapters; the core only carries it along.
     """
@@ -168,40 +285,60 @@ class Stream:
     __slots__ = (
         "channels",
         "closed",
-        "epoch",
+        "epochs",
         "expires",
         "history",
         "keys",
+        "parts",
         "queue",
         "queued_bytes",
+        "reset",
         "resume",
-        "seq",
+        "seqs",
         "state",
+        "vector",
         "writer",
     )
 
     def __init__(
-        self, channels: Sequence[str], resume: Position | None = None, expires: float | None = None
+        self,
+        channels: Sequence[str],
+        resume: ResumeId | Position | None = None,
+        expires: float | None = None,
     ) -> None:
         self.channels = tuple(channels)
-        self.keys = tuple(LIVE_PREFIX + c.encode() for c in self.channels)
-        self.resume = resume  # the client's last event id, if it sent one
+        self.resume: ResumeId | None = {None: resume} if isinstance(resume, Position) else resume
         self.expires = expires  # when its subscribe token runs out (epoch seconds)
         self.state = StreamState.WAITING
-        self.epoch = ""  # with `seq`: the last position sent (or, while catching up, to send from)
-        self.seq = 0
+        self.keys: tuple[bytes, ...] = ()  # set by the core on open
+        self.parts: tuple[int, ...] = ()  # its partitions, ascending
+        self.vector = False  # over several partitions: it carries vector ids
+        # Per partition: the last position sent (or, while catching up, to send from).
+        self.epochs: dict[int, str] = {}
+        self.seqs: dict[int, int] = {}
         self.history: HistoryRequest | None = None  # what to read before it goes live
+        self.reset: str | None = None  # a reset due before it goes live, and why
         self.queue: deque[Item] = deque()
         self.queued_bytes = 0
         self.closed: str | None = None  # why it ended
         self.writer: Any = None
 
+    def id(self) -> bytes:
+        """The stream's position as its clients see it: the id to resume from."""
+        if not self.vector:
+            p = self.parts[0]
+            return f"{self.epochs[p]}-{self.seqs[p]}".encode()
+        return "_".join(f"{p}.{self.epochs[p]}-{self.seqs[p]}" for p in self.parts).encode()
+
     @property
     def position(self) -> Position:
-        return Position(self.epoch, self.seq)
+        """Its position in its first partition (all of it, for a single-partition stream)."""
+        p = self.parts[0]
+        return Position(self.epochs[p], self.seqs[p])
 
     def __repr__(self) -> str:
-        return f"<Stream {','.join(self.channels)} {self.state.value} at {self.epoch}-{self.seq}>"
+        at = self.id().decode() if self.epochs else "-"
+        return f"<Stream {','.join(self.channels)} {self.state.value} at {at}>"
 
 
 # -- actions ------------------------------------------------------------------
@@ -209,29 +346,35 @@ class Stream:
 
 @dataclass(frozen=True, slots=True)
 class HistoryRequest:
-    """Read history for a stream: events on its channels after `after`.
+    """Read history for a stream: per partition, events on `channels[p]` after `after[p]`.
 
-    With `check`, a replay that cannot be complete must come back as a reset.
+    With `check` (a resume), a replay that cannot be complete must come back as
+    a reset. Without (a fresh stream), only each partition's current epoch and
+    sequence number are needed, not its events.
     """
 
-    after: Position
+    channels: dict[int, tuple[str, ...]]
+    after: dict[int, Position]
     check: bool
 
 
 @dataclass(frozen=True, slots=True)
 class Subscribe:
+    partition: int
     keys: tuple[bytes, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class Unsubscribe:
+    partition: int
     keys: tuple[bytes, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class ReadGap:
-    """Read what was published on `channels` after `after` while the worker was away."""
+    """Read what was published on `channels` of `partition` after `after` while away."""
 
+    partition: int
     channels: tuple[str, ...]
     after: Position
 
@@ -291,35 +434,47 @@ Action = Subscribe | Unsubscribe | ReadGap | Ready | Deliver | Reset | Beat | En
 
 
 class Core:
-    """The state of one worker's channels and streams, and its transitions."""
+    """The state of one worker's partitions, channels and streams, and its transitions."""
 
-    def __init__(self, *, max_streams: int, queue_limit_bytes: int, retry_ms: int) -> None:
+    def __init__(
+        self, *, max_streams: int, queue_limit_bytes: int, retry_ms: int, partitions: int = 1
+    ) -> None:
         self.max_streams = max_streams
         self.queue_limit_bytes = queue_limit_bytes
         self.preamble = PREAMBLE_COMMENT + sse.retry(retry_ms)
+        self.parts = [Partition(p) for p in range(partitions)]
         self.channels: dict[bytes, Channel] = {}
         self.streams: set[Stream] = set()
-        self.connected = False
-        self.recovering = False  # connected, resubscribing and replaying the gap
         self.stopping = False
-        self.epoch: str | None = None
-        self._epoch_b = b""
-        self.position = 0  # the last sequence number dispatched
-        self._gap_from: Position | None = None  # where the gap replay starts, if one is due
-        self._reading_gap = False  # a ReadGap is out; recovery ends with its gap_read
-        self._unconfirmed = 0  # channels with an outstanding SUBSCRIBE during recovery
-        self._held: list[tuple[bytes, bytes]] = []  # messages that arrived during recovery
         self._expiries: list[tuple[float, int, Stream]] = []  # heap of token expiries
 
     # -- gauges -------------------------------------------------------------
 
     @property
+    def connected(self) -> bool:
+        """Every partition has its connection."""
+        return all(p.connected for p in self.parts)
+
+    @property
     def ready(self) -> bool:
-        """Connected, and not replaying a gap: new streams can go live."""
-        return self.connected and not self.recovering
+        """Every partition is connected and not replaying a gap: new streams can go live."""
+        return all(p.ready for p in self.parts)
+
+    @property
+    def epoch(self) -> str | None:
+        """Partition 0's epoch (the only one with PARTITIONS=1)."""
+        return self.parts[0].epoch
+
+    @property
+    def position(self) -> int:
+        """Partition 0's position (the only one with PARTITIONS=1)."""
+        return self.parts[0].position
 
     def live_channels(self) -> int:
         return sum(1 for c in self.channels.values() if c.state is ChannelState.LIVE)
+
+    def channels_of(self, part: Partition) -> list[Channel]:
+        return [c for c in self.channels.values() if c.part is part]
 
     # -- streams ------------------------------------------------------------
 
@@ -329,22 +484,28 @@ class Core:
             raise Unavailable("the worker is shutting down")
         if len(self.streams) >= self.max_streams:
             raise Full()
+        count = len(self.parts)
+        numbers = [partition_of(c, count) for c in stream.channels]
+        stream.keys = tuple(live_key(c, p) for c, p in zip(stream.channels, numbers, strict=True))
+        stream.parts = tuple(sorted(set(numbers)))
+        stream.vector = len(stream.parts) > 1
         self.streams.add(stream)
         if stream.expires is not None:
             heapq.heappush(self._expiries, (stream.expires, id(stream), stream))
-        to_send = []
-        for key in stream.keys:
+        to_send: dict[int, list[bytes]] = {}
+        for name, key, number in zip(stream.channels, stream.keys, numbers, strict=True):
             channel = self.channels.get(key)
             if channel is None:
-                channel = self.channels[key] = Channel(key)
-                if self.connected:
+                part = self.parts[number]
+                channel = self.channels[key] = Channel(key, name, part)
+                if part.connected:
                     channel.outstanding = 1
-                    to_send.append(key)
-                    if self.recovering:
-                        self._unconfirmed += 1
+                    to_send.setdefault(number, []).append(key)
+                    if part.recovering:
+                        part.unconfirmed += 1
             channel.streams.add(stream)
-        actions: list[Action] = [Subscribe(tuple(to_send))] if to_send else []
-        if self.ready and self._all_live(stream):
+        actions: list[Action] = [Subscribe(p, tuple(keys)) for p, keys in to_send.items()]
+        if self._all_live(stream):
             actions.append(self._make_ready(stream))
         return actions
 
@@ -361,7 +522,7 @@ class Core:
         stream.queue.clear()
         stream.queued_bytes = 0
         self.streams.discard(stream)
-        gone = []
+        gone: dict[int, list[bytes]] = {}
         for key in stream.keys:
             channel = self.channels.get(key)
             if channel is None:
@@ -372,12 +533,12 @@ class Core:
             if channel.outstanding:
                 continue  # subscribed in Redis soon: its confirmation unsubscribes it
             del self.channels[key]
-            if self.connected and channel.state is not ChannelState.SUBSCRIBING:
-                gone.append(key)
+            if channel.part.connected and channel.state is not ChannelState.SUBSCRIBING:
+                gone.setdefault(channel.part.number, []).append(key)
         actions: list[Action] = [End(stream, reason, frame)]
-        return [*actions, Unsubscribe(tuple(gone))] if gone else actions
+        return actions + [Unsubscribe(p, tuple(keys)) for p, keys in gone.items()]
 
-    def caught_up(self, stream: Stream, replay: Replay | None) -> bytes:
+    def caught_up(self, stream: Stream, replays: dict[int, Replay] | None) -> bytes:
         """History was read for `stream` (None: none was needed); it goes live.
 
         Returns what to write first: the preamble, the replayed events (or a
@@ -388,22 +549,32 @@ class Core:
             return self.preamble + (TOKEN_EXPIRED if stream.closed == "token_expired" else b"")
         assert stream.state is StreamState.CATCHING_UP
         out = [self.preamble]
-        if replay is None:
-            if stream.resume is None:
-                # The id-only frame lets the browser resume from here even if
-                # the stream drops before any event.
-                out.append(sse.position(str(stream.position).encode()))
-        elif replay.reset or replay.epoch != stream.epoch:
-            stream.epoch, stream.seq = replay.epoch, replay.seq
-            out.append(reset_frame(replay.reset or "epoch_changed", stream.position))
+        replays = replays or {}
+        reset = stream.reset
+        for number, replay in replays.items():
+            if replay.reset or replay.epoch != stream.epochs[number]:
+                reset = reset or replay.reset or "epoch_changed"
+        if reset:
+            for number, replay in replays.items():
+                stream.epochs[number], stream.seqs[number] = replay.epoch, replay.seq
+            out.append(with_id(stream.id(), reset_body(reset)))
+        elif stream.resume is None:
+            # A fresh stream on a channel that just went live starts where Redis
+            # was once it did (read after the SUBSCRIBE took effect): everything
+            # later comes live, and nothing from before the stream opened.
+            for number, replay in replays.items():
+                stream.seqs[number] = max(stream.seqs[number], replay.seq)
+            # The id-only frame lets the browser resume from here even if the
+            # stream drops before any event.
+            out.append(sse.position(stream.id()))
         else:
-            if stream.resume is None:
-                out.append(sse.position(str(stream.position).encode()))
-            epoch = replay.epoch.encode()
-            for e in replay.events:
-                if e.seq > stream.seq:
-                    out.append(event_frame(epoch, str(e.seq).encode(), e.event, e.data))
-                    stream.seq = e.seq
+            for number, replay in sorted(replays.items()):
+                epoch = replay.epoch.encode()
+                for e in replay.events:
+                    if e.seq > stream.seqs[number]:
+                        stream.seqs[number] = e.seq
+                        body = event_body(e.event, e.data)
+                        out.append(with_id(stream.id() if stream.vector else epoch + b"-%d" % e.seq, body))
         for item in stream.queue:
             frame = self._admit(stream, item)
             if frame is not None:
@@ -411,20 +582,22 @@ class Core:
         stream.queue.clear()
         stream.queued_bytes = 0
         stream.history = None
+        stream.reset = None
         stream.state = StreamState.LIVE
         return b"".join(out)
 
     def _admit(self, stream: Stream, item: Item) -> bytes | None:
         """The frame `stream` gets for a queued item, or None if it has it already."""
+        number = item.part
         if isinstance(item, ResetItem):
-            if item.to.epoch == stream.epoch:
+            if item.to.epoch == stream.epochs[number]:
                 return None  # it reset to this epoch while catching up
-            stream.epoch, stream.seq = item.to.epoch, item.to.seq
-            return item.frame
-        if item.seq <= stream.seq:
-            return None
-        stream.seq = item.seq
-        return item.frame
+            stream.epochs[number], stream.seqs[number] = item.to.epoch, item.to.seq
+        else:
+            if item.seq <= stream.seqs[number]:
+                return None
+            stream.seqs[number] = item.seq
+        return with_id(stream.id(), item.body) if stream.vector else item.frame
 
     def _all_live(self, stream: Stream) -> bool:
         channels = self.channels
@@ -432,54 +605,92 @@ class Core:
 
     def _make_ready(self, stream: Stream) -> Ready:
         """`stream`'s channels are all live: it starts catching up from here."""
-        assert self.epoch is not None
         stream.state = StreamState.CATCHING_UP
-        stream.epoch, stream.seq = self.epoch, self.position
+        for number in stream.parts:
+            part = self.parts[number]
+            assert part.epoch is not None
+            stream.epochs[number], stream.seqs[number] = part.epoch, part.position
+        by_part: dict[int, tuple[str, ...]] = {}
+        for key in stream.keys:
+            channel = self.channels[key]
+            number = channel.part.number
+            by_part[number] = (*by_part.get(number, ()), channel.name)
         if stream.resume is not None:
-            stream.history = HistoryRequest(stream.resume, check=True)
-            stream.epoch, stream.seq = stream.resume.epoch, stream.resume.seq
-        elif any(self.channels[k].live_at == self.position for k in stream.keys):
+            after = self._resume_points(stream)
+            if after is None:
+                # It names none of (or not all) its partitions: start from now, said as a reset.
+                stream.reset = "unknown_id"
+            else:
+                stream.history = HistoryRequest(by_part, after, check=True)
+                for number, position in after.items():
+                    stream.epochs[number], stream.seqs[number] = position.epoch, position.seq
+        else:
             # A channel live so recently that no event has been dispatched
-            # since: events published between the position and the moment
-            # Redis ran its SUBSCRIBE never came live; they come from history.
-            stream.history = HistoryRequest(stream.position, check=False)
+            # since: the worker's position may be older than the moment Redis
+            # ran its SUBSCRIBE, and events in between never come live. The
+            # stream starts from where Redis is after that moment instead
+            # (`caught_up`), so the adapter reads that partition's position.
+            recent = {
+                c.part.number for c in (self.channels[k] for k in stream.keys) if c.live_at == c.part.position
+            }
+            if recent:
+                after = {p: Position(stream.epochs[p], stream.seqs[p]) for p in recent}
+                stream.history = HistoryRequest({p: by_part[p] for p in recent}, after, check=False)
         return Ready(stream)
+
+    @staticmethod
+    def _resume_points(stream: Stream) -> dict[int, Position] | None:
+        """The stream's resume position in each of its partitions, or None if the id lacks one."""
+        resume = stream.resume
+        assert resume is not None
+        if None in resume:
+            return {stream.parts[0]: resume[None]} if not stream.vector else None
+        if not all(p in resume for p in stream.parts):
+            return None
+        return {p: resume[p] for p in stream.parts}
 
     # -- the Pub/Sub connection -------------------------------------------
 
-    def connection_up(self, epoch: str, seq: int) -> list[Action]:
-        """Connected to Redis, whose current epoch and sequence are `epoch`, `seq`.
+    def connection_up(self, number: int, epoch: str, seq: int) -> list[Action]:
+        """Partition `number` is connected; its current epoch and sequence are `epoch`, `seq`.
 
-        Resubscribes every channel; messages are held until the gap since the
+        Resubscribes its channels; messages are held until the gap since its
         last position is replayed from history.
         """
+        part = self.parts[number]
         actions: list[Action] = []
-        self.connected = True
-        self.recovering = True
-        self._held = []
-        resumed = self.epoch is not None
-        if self.epoch is not None and (epoch != self.epoch or seq < self.position):
-            actions += self._change_epoch("epoch_changed", Position(epoch, seq))
+        part.connected = True
+        part.recovering = True
+        part.held = []
+        resumed = part.epoch is not None
+        if part.epoch is not None and (epoch != part.epoch or seq < part.position):
+            actions += self._change_epoch(part, "epoch_changed", Position(epoch, seq))
             resumed = False
         if not resumed:
-            self._set_epoch(epoch, seq)
-        self._gap_from = Position(epoch, self.position) if resumed else None
-        for channel in self.channels.values():
+            part.set_epoch(epoch, seq)
+        part.gap_from = Position(epoch, part.position) if resumed else None
+        channels = self.channels_of(part)
+        for channel in channels:
             channel.state = ChannelState.SUBSCRIBING
             channel.outstanding = 1
-        self._unconfirmed = len(self.channels)
-        if self.channels:
-            actions.append(Subscribe(tuple(self.channels)))
-        return actions + self._recovery_step()
+        part.unconfirmed = len(channels)
+        if channels:
+            actions.append(Subscribe(number, tuple(c.key for c in channels)))
+        return actions + self._recovery_step(part)
 
-    def connection_lost(self) -> list[Action]:
-        """The Pub/Sub connection broke: every subscription is gone with it."""
-        self.connected = False
-        self.recovering = False
-        self._reading_gap = False
-        self._held = []
-        self._gap_from = None
+    def connection_lost(self, numbers: Iterable[int] | None = None) -> list[Action]:
+        """The connection of these partitions (default: all) broke: their
+        subscriptions are gone with it."""
+        lost = {self.parts[n] for n in numbers} if numbers is not None else set(self.parts)
+        for part in lost:
+            part.connected = False
+            part.recovering = False
+            part.reading_gap = False
+            part.held = []
+            part.gap_from = None
         for key, channel in list(self.channels.items()):
+            if channel.part not in lost:
+                continue
             if not channel.streams:
                 del self.channels[key]
                 continue
@@ -496,54 +707,56 @@ class Core:
         channel.outstanding -= 1
         if channel.outstanding:
             return []
+        part = channel.part
         if not channel.streams:
             del self.channels[key]  # its last stream left while it was pending
-            if self.recovering:
-                self._unconfirmed -= 1
-                return [Unsubscribe((key,)), *self._recovery_step()]
-            return [Unsubscribe((key,))]
-        if self.recovering:
+            unsubscribe = Unsubscribe(part.number, (key,))
+            if part.recovering:
+                part.unconfirmed -= 1
+                return [unsubscribe, *self._recovery_step(part)]
+            return [unsubscribe]
+        if part.recovering:
             channel.state = ChannelState.CONFIRMED
-            self._unconfirmed -= 1
-            return self._recovery_step()
-        return self._go_live([channel])
+            part.unconfirmed -= 1
+            return self._recovery_step(part)
+        return self._go_live(part, [channel])
 
-    def _recovery_step(self) -> list[Action]:
+    def _recovery_step(self, part: Partition) -> list[Action]:
         """After (re)connecting: replay the gap once every channel is confirmed."""
-        if not self.recovering or self._unconfirmed > 0 or self._reading_gap:
+        if not part.recovering or part.unconfirmed > 0 or part.reading_gap:
             return []
-        if self._gap_from is not None and self.channels:
-            gap, self._gap_from = self._gap_from, None
-            self._reading_gap = True
-            names = tuple(k[len(LIVE_PREFIX) :].decode() for k in self.channels)
-            return [ReadGap(names, gap)]
-        return self.gap_read(None)
+        channels = self.channels_of(part)
+        if part.gap_from is not None and channels:
+            gap, part.gap_from = part.gap_from, None
+            part.reading_gap = True
+            return [ReadGap(part.number, tuple(c.name for c in channels), gap)]
+        return self.gap_read(part.number, None)
 
-    def gap_read(self, replay: Replay | None) -> list[Action]:
-        """The gap after a reconnect was read (None: no gap): dispatch it, then
-        the messages held meanwhile, and go live."""
+    def gap_read(self, number: int, replay: Replay | None) -> list[Action]:
+        """The gap of a partition after a reconnect was read (None: no gap):
+        dispatch it, then the messages held meanwhile, and go live."""
+        part = self.parts[number]
         actions: list[Action] = []
-        self._reading_gap = False
+        part.reading_gap = False
         if replay is not None:
             epoch = replay.epoch.encode()
             for e in replay.events:
-                if e.seq <= self.position or epoch != self._epoch_b:
+                if e.seq <= part.position or epoch != part.epoch_b:
                     continue
-                frame = event_frame(epoch, str(e.seq).encode(), e.event, e.data)
-                key = LIVE_PREFIX + e.channel.encode()
-                actions += self._dispatch(key, e.seq, frame)
-        self.recovering = False
-        held, self._held = self._held, []
+                key = live_key(e.channel, number)
+                actions += self._dispatch(part, key, e.seq, b"%d" % e.seq, event_body(e.event, e.data))
+        part.recovering = False
+        held, part.held = part.held, []
         for key, payload in held:
             actions += self.message(key, payload)
-        confirmed = [c for c in self.channels.values() if c.state is ChannelState.CONFIRMED]
-        return actions + self._go_live(confirmed)
+        confirmed = [c for c in self.channels_of(part) if c.state is ChannelState.CONFIRMED]
+        return actions + self._go_live(part, confirmed)
 
-    def _go_live(self, channels: Iterable[Channel]) -> list[Action]:
+    def _go_live(self, part: Partition, channels: Iterable[Channel]) -> list[Action]:
         actions: list[Action] = []
         for channel in channels:
             channel.state = ChannelState.LIVE
-            channel.live_at = self.position
+            channel.live_at = part.position
             for stream in channel.streams:
                 if stream.state is StreamState.WAITING and self._all_live(stream):
                     actions.append(self._make_ready(stream))
@@ -553,40 +766,61 @@ class Core:
 
     def message(self, key: bytes, payload: bytes) -> list[Action]:
         """A Pub/Sub message `payload` (`<epoch> <seq> <event> <data>`) on `key`."""
-        if self.recovering:
-            self._held.append((key, payload))
+        channel = self.channels.get(key)
+        part = channel.part if channel is not None else self._part_of_key(key)
+        if part is None:
+            return [Malformed(key)]
+        if part.recovering:
+            part.held.append((key, payload))
             return []
         try:
             epoch, seqb, event, data = payload.split(b" ", 3)
             seq = int(seqb)
-            frame = event_frame(epoch, seqb, event, data)
+            body = event_body(event, data)
         except ValueError:
             return [Malformed(key)]
         actions: list[Action] = []
-        if epoch != self._epoch_b:
-            # Redis lost its data while we stayed connected: a new epoch began.
-            actions += self._change_epoch("epoch_changed", Position(epoch.decode(), seq - 1))
-            self._set_epoch(epoch.decode(), 0)
-        if seq <= self.position:
+        if epoch != part.epoch_b:
+            # Redis lost the partition's data while we stayed connected: a new epoch began.
+            actions += self._change_epoch(part, "epoch_changed", Position(epoch.decode(), seq - 1))
+            part.set_epoch(epoch.decode(), 0)
+        if seq <= part.position:
             return actions  # already dispatched from history during recovery
-        return actions + self._dispatch(key, seq, frame)
+        return actions + self._dispatch(part, key, seq, seqb, body)
 
-    def _dispatch(self, key: bytes, seq: int, frame: bytes) -> list[Action]:
-        self.position = seq
+    def _part_of_key(self, key: bytes) -> Partition | None:
+        """The partition named by a live key's hash tag (None if it names none of ours)."""
+        try:
+            number = int(key[key.index(b"{p") + 2 : key.index(b"}")])
+            return self.parts[number]
+        except (ValueError, IndexError):
+            return None
+
+    def _dispatch(self, part: Partition, key: bytes, seq: int, seqb: bytes, body: bytes) -> list[Action]:
+        part.position = seq
         channel = self.channels.get(key)
         if channel is None:
             return []
+        number = part.number
+        frame = with_id(part.epoch_b + b"-" + seqb, body)
         live = []
         behind = []
+        actions: list[Action] = []
         for stream in channel.streams:
             state = stream.state
             if state is StreamState.LIVE:
-                if seq > stream.seq:
-                    stream.seq = seq
-                    live.append(stream)
-            elif state is StreamState.CATCHING_UP and not self._enqueue(stream, EventItem(seq, frame)):
+                if seq > stream.seqs[number]:
+                    stream.seqs[number] = seq
+                    if stream.vector:
+                        actions.append(Deliver(with_id(stream.id(), body), [stream]))
+                    else:
+                        live.append(stream)
+            elif state is StreamState.CATCHING_UP and not self._enqueue(
+                stream, EventItem(number, seq, frame, body)
+            ):
                 behind.append(stream)
-        actions: list[Action] = [Deliver(frame, live)] if live else []
+        if live:
+            actions.append(Deliver(frame, live))
         return actions + self._cut(behind) if behind else actions
 
     def _enqueue(self, stream: Stream, item: Item) -> bool:
@@ -601,23 +835,29 @@ class Core:
             actions += self.leave(stream, "slow")
         return actions
 
-    def _set_epoch(self, epoch: str, seq: int) -> None:
-        self.epoch, self._epoch_b, self.position = epoch, epoch.encode(), seq
-
-    def _change_epoch(self, reason: str, to: Position) -> list[Action]:
-        """Every stream not on epoch `to.epoch` yet is told to reset to `to`."""
-        frame = reset_frame(reason, to)
+    def _change_epoch(self, part: Partition, reason: str, to: Position) -> list[Action]:
+        """Every stream of `part` not on epoch `to.epoch` yet is told to reset to `to` there."""
+        number = part.number
+        body = reset_body(reason)
+        frame = with_id(str(to).encode(), body)
         live = []
         behind = []
+        actions: list[Action] = []
         for stream in self.streams:
-            if stream.epoch == to.epoch:
+            if number not in stream.epochs or stream.epochs[number] == to.epoch:
                 continue
             if stream.state is StreamState.LIVE:
-                stream.epoch, stream.seq = to.epoch, to.seq
-                live.append(stream)
-            elif stream.state is StreamState.CATCHING_UP and not self._enqueue(stream, ResetItem(to, frame)):
+                stream.epochs[number], stream.seqs[number] = to.epoch, to.seq
+                if stream.vector:
+                    actions.append(Reset(reason, with_id(stream.id(), body), [stream]))
+                else:
+                    live.append(stream)
+            elif stream.state is StreamState.CATCHING_UP and not self._enqueue(
+                stream, ResetItem(number, to, frame, body)
+            ):
                 behind.append(stream)
-        actions: list[Action] = [Reset(reason, frame, live)] if live else []
+        if live:
+            actions.append(Reset(reason, frame, live))
         return actions + self._cut(behind)
 
     # -- time and the end ---------------------------------------------------

@@ -1,27 +1,27 @@
 """Resume from history: the stream service's read side of the Redis contract.
 
-One read-only Lua script returns, atomically, the current epoch and sequence
-number and, for each channel, the events after a position together with the
-highest id that trimming has removed. From that we either replay exactly the
+Per partition, one read-only Lua script returns, atomically, the partition's
+current epoch and sequence number and, for each of its channels, the events
+after a position together with the channel's newest sequence number. From that we either replay exactly the
 missed events, merged across channels in publish order, or tell the client to
 reset (docs/redis-contract.md, "Reading history").
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
+from redis.exceptions import NoScriptError
 
-from .core import HistoryEvent, Position, Replay
+from .core import HistoryEvent, Position, Replay, tag
 
-META_KEY = "herald:meta"
-CHANNELS_KEY = "herald:channels"
-STREAM_PREFIX = "herald:stream:"
-
+# All keys of one call carry the same partition's hash tag (one slot on a cluster).
 # KEYS[1] = meta hash, KEYS[2] = channels hash, KEYS[3..] = channel streams;
 # ARGV[1] = position (seq), ARGV[2..] = the channel names, in KEYS order.
 READ_LUA = """
@@ -36,10 +36,13 @@ return out
 
 
 # KEYS[1] = meta hash; ARGV[1] = candidate epoch, ARGV[2] = the worker's epoch
-# ('' before its first connection), ARGV[3] = the last seq it dispatched.
+# ('' before its first connection), ARGV[3] = the last seq it dispatched,
+# ARGV[4] = the partition count. Returns {epoch, seq} or {'', stored count}.
 META_LUA = """
 redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
-local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq')
+redis.call('HSETNX', KEYS[1], 'partitions', ARGV[4])
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'partitions')
+if meta[3] ~= ARGV[4] then return {'', meta[3]} end
 local seq = tonumber(meta[2] or '0')
 if meta[1] == ARGV[2] and seq < tonumber(ARGV[3]) then
   -- Events this worker dispatched are gone (a failover to a replica that lagged):
@@ -49,6 +52,10 @@ if meta[1] == ARGV[2] and seq < tonumber(ARGV[3]) then
 end
 return {meta[1], seq}
 """
+
+
+READ_SHA = hashlib.sha1(READ_LUA.encode()).hexdigest()
+META_SHA = hashlib.sha1(META_LUA.encode()).hexdigest()
 
 
 def new_epoch() -> str:
@@ -85,31 +92,58 @@ def _gap(after: int, newest: int, entries: list[list[Any]]) -> bool:
     return int(_fields(entries[0][1]).get(b"prev", b"0")) > after
 
 
+class PartitionsMismatch(Exception):
+    """Redis holds data partitioned in another number of partitions than ours."""
+
+
 class History:
-    """Reads missed events for a set of channels from Redis."""
+    """Reads a partition's state and missed events from Redis (a server or a cluster)."""
 
-    def __init__(self, client: redis.Redis) -> None:
-        self._script = client.register_script(READ_LUA)
-        self._meta = client.register_script(META_LUA)
+    def __init__(self, client: Callable[[], redis.Redis | RedisCluster], partitions: int = 1) -> None:
+        # On a cluster, redis-py routes each call by its keys, which share one slot.
+        self._client = client
+        self._partitions = partitions
 
-    def meta(self, seen: Position | None) -> Position:
-        """The current epoch and sequence number, creating the epoch if there is none.
+    def _run(self, script: str, sha: str, keys: list[str], args: list[Any]) -> Any:
+        """EVALSHA, or EVAL the first time a node lacks the script."""
+        client = self._client()
+        try:
+            return client.evalsha(sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return client.eval(script, len(keys), *keys, *args)
+
+    def meta(self, partition: int, seen: Position | None) -> Position:
+        """The partition's current epoch and sequence number, creating the epoch if there is none.
 
         `seen` is the last position the caller dispatched: if Redis is behind
         it in the same epoch (writes were lost), a new epoch begins first.
+        Raises PartitionsMismatch if the data was written with another PARTITIONS.
         """
-        args: list[str | int] = [new_epoch(), seen.epoch, seen.seq] if seen else [new_epoch(), "", 0]
-        epoch, seq = self._meta(keys=[META_KEY], args=args)
+        seen_args: list[str | int] = [seen.epoch, seen.seq] if seen else ["", 0]
+        args = [new_epoch(), *seen_args, self._partitions]
+        epoch, seq = self._run(META_LUA, META_SHA, [f"{tag(partition)}:meta"], args)
+        if not epoch:
+            raise PartitionsMismatch(
+                f"Redis holds data for PARTITIONS={seq.decode()}, this service has "
+                f"PARTITIONS={self._partitions}: set the same value everywhere"
+            )
         return Position(epoch.decode(), int(seq))
 
-    def read(self, channels: Sequence[str], after: Position, *, check: bool = True) -> Replay:
-        """Events on `channels` after `after`, in publish order.
+    def now(self, partition: int) -> Replay:
+        """The partition's current epoch and sequence number (no events)."""
+        raw: Any = self._client().hmget(f"{tag(partition)}:meta", ["epoch", "seq"])
+        epoch, seq = raw
+        return Replay((epoch or b"").decode(), int(seq or 0))
+
+    def read(self, partition: int, channels: Sequence[str], after: Position, *, check: bool = True) -> Replay:
+        """Events on `channels` (all of `partition`) after `after`, in publish order.
 
         With `check`, a replay that cannot be complete becomes a reset instead:
         another epoch, an unknown (future) position, or trimmed history.
         """
-        keys = [META_KEY, CHANNELS_KEY] + [STREAM_PREFIX + c for c in channels]
-        raw = self._script(keys=keys, args=[after.seq, *channels])
+        prefix = tag(partition)
+        keys = [f"{prefix}:meta", f"{prefix}:channels"] + [f"{prefix}:stream:{c}" for c in channels]
+        raw = self._run(READ_LUA, READ_SHA, keys, [after.seq, *channels])
         epoch, seq = raw[0].decode(), int(raw[1])
         replay = Replay(epoch, seq)
         if check and epoch != after.epoch:

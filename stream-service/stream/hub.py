@@ -1,15 +1,19 @@
 """The hub: the worker's adapter between the core, Redis and the writers.
 
-One Redis Pub/Sub connection per worker, read by one greenlet, feeds the core
-(core.py) and carries out what it decides: (un)subscribe, read the gap after a
-reconnect, hand each event's bytes to the writers of its live streams. One
-clock greenlet drives heartbeats and token expiry. Counters live here, in the
-Prometheus metrics, the one record behind both /stats and /metrics.
+One Redis Pub/Sub connection per Redis node per worker (a `Link`: on a single
+server, one), read by one greenlet each, feeds the core (core.py) and carries
+out what it decides: (un)subscribe, read the gap after a reconnect, hand each
+event's bytes to the writers of its live streams. One clock greenlet drives
+heartbeats and token expiry. Counters live here, in the Prometheus metrics,
+the one record behind both /stats and /metrics.
 
-The connection is owned here: when it breaks, or goes quiet for longer than the
-watchdog allows (a hung Redis sends nothing and raises nothing), the hub
+The connections are owned here: when one breaks, or goes quiet for longer than
+the watchdog allows (a hung Redis sends nothing and raises nothing), its link
 reconnects with backoff, and the core resubscribes and replays from history
-every event it missed, so connected clients lose nothing.
+every event its partitions missed, so connected clients lose nothing. On a
+cluster the hub also follows the topology (topology.py): after a failover or a
+slot migration each partition moves to the link of its new node, and comes up
+there the same way.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import gevent
 import redis
 from gevent.event import Event
 from gevent.lock import Semaphore
-from redis.connection import ConnectionInterface, ConnectionPool
+from redis.connection import ConnectionInterface
 
 from . import metrics
 from .config import Config
@@ -46,7 +50,8 @@ from .core import (
     Unavailable,
     Unsubscribe,
 )
-from .history import History
+from .history import History, PartitionsMismatch
+from .topology import Address, Topology
 from .writer import chunk
 
 log = logging.getLogger("herald.stream.hub")
@@ -61,23 +66,20 @@ class WatchdogExpired(Exception):
 class Hub:
     """Subscriptions, fan-out and recovery for one worker process."""
 
-    def __init__(self, config: Config, history: History) -> None:
+    def __init__(self, config: Config, history: History, topology: Topology) -> None:
         self._config = config
         self._history = history
         self.core = Core(
             max_streams=config.max_connections,
             queue_limit_bytes=config.client_buffer_bytes,
             retry_ms=config.retry_ms,
+            partitions=config.partitions,
         )
-        self._pool = ConnectionPool.from_url(
-            config.redis_url,
-            protocol=2,  # RESP2: Pub/Sub messages as plain replies on this connection
-            socket_timeout=config.watchdog_seconds,
-            socket_connect_timeout=config.subscribe_timeout_seconds,
-        )
-        self._conn: ConnectionInterface | None = None
-        self._send_lock: Semaphore | None = None
-        self._greenlet: gevent.Greenlet | None = None
+        self._topology = topology
+        self._links: dict[Address, Link] = {}  # one Pub/Sub link per Redis node
+        self._owner: dict[int, Link] = {}  # the link each partition is on
+        self._replanner: gevent.Greenlet | None = None
+        self._started = False
         self._waiters: dict[Stream, Event] = {}  # streams waiting for their channels
         # Bytes dispatched since the hub last let clients run; see _yield_if_busy.
         self._burst = 0
@@ -86,10 +88,12 @@ class Hub:
     # -- life cycle -------------------------------------------------------
 
     def start(self) -> None:
-        """Start the reader and the clock (once, in the worker that serves clients)."""
-        if self._greenlet is None:
-            self._send_lock = Semaphore()
-            self._greenlet = gevent.spawn(self._run)
+        """Start the links and the clock (once, in the worker that serves clients)."""
+        if not self._started:
+            self._started = True
+            self._plan(refresh=False)
+            if not self._links:
+                self._replan_soon()  # the cluster was unreachable: keep trying
             gevent.spawn(self._clock)
 
     def shutdown(self) -> None:
@@ -97,6 +101,8 @@ class Hub:
         self._do(self.core.shutdown())
         for waiter in self._waiters.values():
             waiter.set()
+        for link in self._links.values():
+            link.close()
 
     @property
     def clients(self) -> int:
@@ -113,6 +119,7 @@ class Hub:
             "connected": core.ready,
             "epoch": core.epoch,
             "position": core.position,
+            "partitions": len(core.parts),
             "delivered": metrics.this_worker(metrics.DELIVERED),
             "dropped_slow": metrics.this_worker(metrics.DROPPED_SLOW),
             "reconnects": metrics.this_worker(metrics.RECONNECTS),
@@ -154,26 +161,34 @@ class Hub:
         if stream.state is StreamState.CLOSED:
             raise Unavailable("the worker is shutting down")
 
-    def read_history(self, stream: Stream) -> Replay | None:
-        """What `stream` needs from history before it goes live (None: nothing).
+    def read_history(self, stream: Stream) -> dict[int, Replay] | None:
+        """What `stream` needs from history before it goes live, per partition (None: nothing).
 
         Raises Unavailable (and leaves) if history cannot be read.
         """
         request = stream.history
         if request is None:
+            if stream.reset:
+                metrics.RESETS.labels(stream.reset).inc()
             return None
+        replays = {}
         try:
-            replay = self._history.read(stream.channels, request.after, check=request.check)
+            for number, channels in request.channels.items():
+                if request.check:
+                    replays[number] = self._history.read(number, channels, request.after[number])
+                else:
+                    replays[number] = self._history.now(number)
         except redis.RedisError as exc:
             self.leave(stream)
             raise Unavailable(f"history could not be read: {exc}") from exc
-        if replay.reset:
-            metrics.RESETS.labels(replay.reset).inc()
-        return replay
+        reset = stream.reset or next((r.reset for r in replays.values() if r.reset), None)
+        if reset:
+            metrics.RESETS.labels(reset).inc()
+        return replays
 
-    def go_live(self, stream: Stream, replay: Replay | None) -> bytes:
+    def go_live(self, stream: Stream, replays: dict[int, Replay] | None) -> bytes:
         """`stream` caught up: what to write first; from now on events go to its writer."""
-        return self.core.caught_up(stream, replay)
+        return self.core.caught_up(stream, replays)
 
     def leave(self, stream: Stream, reason: str = "gone") -> None:
         """The stream is over (idempotent): end it, unsubscribe what no one else needs."""
@@ -186,9 +201,10 @@ class Hub:
             if type(action) is Deliver:
                 self._deliver(action.frame, action.streams)
             elif isinstance(action, Subscribe):
-                self._send_quietly("SUBSCRIBE", *action.keys)
+                # Sharded Pub/Sub: one call names channels of one slot (one partition).
+                self._send_to(action.partition, "SSUBSCRIBE", *action.keys)
             elif isinstance(action, Unsubscribe):
-                self._send_quietly("UNSUBSCRIBE", *action.keys)
+                self._send_to(action.partition, "SUNSUBSCRIBE", *action.keys)
             elif isinstance(action, Ready):
                 waiter = self._waiters.get(action.stream)
                 if waiter is not None:
@@ -232,8 +248,8 @@ class Hub:
 
     def _read_gap(self, action: ReadGap) -> None:
         """Dispatch, from history, what was published while the hub was away."""
-        replay = self._history.read(action.channels, action.after, check=False)
-        self._do(self.core.gap_read(replay))
+        replay = self._history.read(action.partition, action.channels, action.after, check=False)
+        self._do(self.core.gap_read(action.partition, replay))
 
     # -- the clock ----------------------------------------------------------
 
@@ -252,76 +268,57 @@ class Hub:
             else:
                 self._do(self.core.expire(time.time()))
 
-    # -- the reader greenlet ------------------------------------------------
+    # -- the Pub/Sub links ------------------------------------------------------
 
-    def _run(self) -> None:
+    def _plan(self, refresh: bool) -> None:
+        """Put each partition on the link to the node that owns it, creating
+        links as needed; a partition that moved is lost on its old link and
+        brought up on its new one (resubscribed, its gap read from history)."""
+        try:
+            owners = self._topology.owners(refresh=refresh)
+        except (redis.RedisError, OSError) as exc:
+            log.warning("cannot read the cluster's topology (%s); retrying", exc)
+            return
+        for number, address in owners.items():
+            current = self._owner.get(number)
+            if current is not None and current.address == address:
+                continue
+            if current is not None:
+                log.info("partition %d moved from %s:%d to %s:%d", number, *current.address, *address)
+                current.drop(number)
+            link = self._links.get(address)
+            if link is None or link.closed:
+                link = self._links[address] = Link(self, address)
+            self._owner[number] = link
+            link.add(number)
+        for address, link in list(self._links.items()):
+            if not link.partitions:
+                link.close()
+                del self._links[address]
+
+    def _replan_soon(self) -> None:
+        """The topology changed (a failover, a slot moved): follow it, once at a time."""
+        if self._topology.clustered and (self._replanner is None or self._replanner.dead):
+            self._replanner = gevent.spawn(self._replan)
+
+    def _replan(self) -> None:
         backoff = 0.05
         while not self.core.stopping:
-            try:
-                self._connect()
+            before = {n: link.address for n, link in self._owner.items()}
+            self._plan(refresh=True)
+            if all(link.healthy for link in self._links.values()):
+                return
+            after = {n: link.address for n, link in self._owner.items()}
+            if after != before:
                 backoff = 0.05
-                self._read_forever()
-            except (redis.RedisError, OSError, WatchdogExpired) as exc:
-                if not self.core.stopping:
-                    log.warning("Redis Pub/Sub connection lost (%s); reconnecting", exc)
-            except Exception:
-                # A bug must not silence the worker: log it and start over from history.
-                log.exception("the hub failed; reconnecting")
-            finally:
-                self._disconnect()
-            if self.core.stopping:
-                break
-            metrics.RECONNECTS.inc()
             gevent.sleep(backoff * random.uniform(0.5, 1.0))
             backoff = min(backoff * 2, 2.0)
 
-    def _connect(self) -> None:
-        conn = self._pool.make_connection()
-        conn.connect()
-        self._conn = conn
-        core = self.core
-        now = self._history.meta(Position(core.epoch, core.position) if core.epoch else None)
-        self._do(core.connection_up(now.epoch, now.seq))
-        log.info(
-            "Pub/Sub connected: epoch %s, position %d, %d channels",
-            self.core.epoch,
-            self.core.position,
-            len(self.core.channels),
-        )
-
-    def _read_forever(self) -> None:
-        watchdog = self._config.watchdog_seconds
-        assert self._conn is not None
-        conn = self._conn
-        core = self.core
-        last = time.monotonic()
-        pinged = False
-        while not core.stopping:
-            if conn.can_read(timeout=min(1.0, watchdog / 4)):
-                reply = conn.read_response()
-                last = time.monotonic()
-                pinged = False
-                kind = reply[0]
-                if kind == b"message":
-                    metrics.RECEIVED.inc()
-                    self._do(core.message(reply[1], reply[2]))
-                    self._yield_if_busy()
-                elif kind == b"subscribe":
-                    self._do(core.confirmed(reply[1]))
-                # Unsubscribe confirmations and PING answers need nothing.
-                continue
-            idle = time.monotonic() - last
-            if idle > watchdog:
-                raise WatchdogExpired(f"no answer from Redis for {idle:.1f} s")
-            if idle > watchdog / 2 and not pinged:
-                self._send("PING")
-                pinged = True
-
-    def _disconnect(self) -> None:
-        conn, self._conn = self._conn, None
-        self._do(self.core.connection_lost())
-        if conn is not None:
-            conn.disconnect()
+    def _send_to(self, number: int, *args: Any) -> None:
+        """Send a command on the link of partition `number`, if it is up for it."""
+        link = self._owner.get(number)
+        if link is not None and number in link.up:
+            link.send_quietly(*args)
 
     def _yield_if_busy(self) -> None:
         """Let the event loop write queued bytes out during a burst of events.
@@ -334,19 +331,173 @@ class Hub:
             self._burst = 0
             gevent.sleep(0)
 
-    # -- helpers -----------------------------------------------------------
 
-    def _send(self, *args: Any) -> None:
+class Link:
+    """One Pub/Sub connection to one Redis node, shared by all streams of the
+    worker whose channels live in its partitions; read by one greenlet.
+
+    The connection is owned here: when it breaks, or goes quiet for longer
+    than the watchdog allows (a hung Redis sends nothing and raises nothing),
+    the link reconnects with backoff (on a cluster, after the hub followed the
+    topology), and the core resubscribes and replays from history every event
+    its partitions missed, so connected clients lose nothing.
+    """
+
+    def __init__(self, hub: Hub, address: Address) -> None:
+        self.hub = hub
+        self.address = address
+        self.partitions: set[int] = set()  # assigned to this node
+        self.up: set[int] = set()  # brought up on the current connection
+        self.closed = False
+        self._pool = hub._topology.pubsub_pool(address)
+        self._conn: ConnectionInterface | None = None
+        self._lock = Semaphore()
+        self._greenlet = gevent.spawn(self._run)
+
+    @property
+    def healthy(self) -> bool:
+        return self._conn is not None and self.up == self.partitions
+
+    def add(self, number: int) -> None:
+        self.partitions.add(number)
+        if self._conn is not None:
+            gevent.spawn(self._bring_up_now)
+
+    def _bring_up_now(self) -> None:
+        conn = self._conn
+        try:
+            self._bring_up_pending()
+        except (redis.RedisError, OSError, PartitionsMismatch) as exc:
+            log.warning("could not bring a partition up on %s:%d (%s); reconnecting", *self.address, exc)
+            if conn is not None:
+                conn.disconnect()  # the reader fails, and starts over
+
+    def drop(self, number: int) -> None:
+        """Partition `number` moved away: its subscriptions here are gone (or soon)."""
+        self.partitions.discard(number)
+        if number in self.up:
+            self.up.discard(number)
+            self.hub._do(self.hub.core.connection_lost([number]))
+
+    def close(self) -> None:
+        self.closed = True
+        self._greenlet.kill(block=False)
+
+    # -- the reader ---------------------------------------------------------
+
+    def _run(self) -> None:
+        hub = self.hub
+        backoff = 0.05
+        try:
+            while not hub.core.stopping and not self.closed:
+                try:
+                    self._connect()
+                    backoff = 0.05
+                    self._read_forever()
+                except (redis.RedisError, OSError, WatchdogExpired) as exc:
+                    if not hub.core.stopping:
+                        log.warning("Redis Pub/Sub connection to %s:%d lost (%s)", *self.address, exc)
+                except PartitionsMismatch as exc:
+                    log.error("cannot serve streams: %s", exc)
+                except Exception:
+                    # A bug must not silence the worker: log it and start over from history.
+                    log.exception("the hub failed; reconnecting")
+                finally:
+                    self._disconnect()
+                if hub.core.stopping or self.closed:
+                    break
+                metrics.RECONNECTS.inc()
+                hub._replan_soon()
+                gevent.sleep(backoff * random.uniform(0.5, 1.0))
+                backoff = min(backoff * 2, 2.0)
+        finally:
+            self._disconnect()
+
+    def _connect(self) -> None:
+        conn = self._pool.make_connection()
+        conn.connect()
+        self._conn = conn
+        self._bring_up_pending()
+        channels = sum(1 for c in self.hub.core.channels.values() if c.part.number in self.up)
+        host, port = self.address
+        log.info("Pub/Sub connected to %s:%d: %d partitions, %d channels", host, port, len(self.up), channels)
+
+    def _bring_up_pending(self) -> None:
+        """Bring up, on this connection, every assigned partition not up yet."""
+        hub, core = self.hub, self.hub.core
+        while self._conn is not None and (pending := self.partitions - self.up):
+            number = min(pending)
+            part = core.parts[number]
+            seen = Position(part.epoch, part.position) if part.epoch else None
+            now = hub._history.meta(number, seen)
+            if number not in self.partitions or number in self.up or self._conn is None:
+                continue  # it moved, or came up, while we asked
+            self.up.add(number)
+            hub._do(core.connection_up(number, now.epoch, now.seq))
+
+    def _read_forever(self) -> None:
+        hub = self.hub
+        watchdog = hub._config.watchdog_seconds
+        assert self._conn is not None
+        conn = self._conn
+        core = hub.core
+        last = time.monotonic()
+        pinged = False
+        while not core.stopping:
+            if conn.can_read(timeout=min(1.0, watchdog / 4)):
+                try:
+                    reply = conn.read_response()
+                except redis.ResponseError as exc:
+                    # A SSUBSCRIBE refused with MOVED: that slot lives elsewhere now.
+                    log.info("Redis at %s:%d answered %s; following the topology", *self.address, exc)
+                    hub._replan_soon()
+                    continue
+                last = time.monotonic()
+                pinged = False
+                kind = reply[0]
+                if kind == b"smessage":
+                    metrics.RECEIVED.inc()
+                    hub._do(core.message(reply[1], reply[2]))
+                    hub._yield_if_busy()
+                elif kind == b"ssubscribe":
+                    hub._do(core.confirmed(reply[1]))
+                elif kind == b"sunsubscribe" and self._unasked(reply[1]):
+                    # Redis dropped a subscription we hold: its slot moved away.
+                    hub._replan_soon()
+                # PING answers need nothing.
+                continue
+            idle = time.monotonic() - last
+            if idle > watchdog:
+                raise WatchdogExpired(f"no answer from Redis for {idle:.1f} s")
+            if idle > watchdog / 2 and not pinged:
+                self.send("PING")
+                pinged = True
+
+    def _unasked(self, key: bytes) -> bool:
+        """True if `key` is a channel the core still holds subscribed (so we did not unsubscribe it)."""
+        channel = self.hub.core.channels.get(key)
+        return channel is not None and channel.outstanding == 0 and channel.streams != set()
+
+    def _disconnect(self) -> None:
+        conn, self._conn = self._conn, None
+        lost, self.up = self.up, set()
+        if lost:
+            self.hub._do(self.hub.core.connection_lost(lost))
+        if conn is not None:
+            conn.disconnect()
+
+    # -- sending --------------------------------------------------------------
+
+    def send(self, *args: Any) -> None:
         conn = self._conn
         if conn is None:
             raise redis.ConnectionError("not connected")
-        assert self._send_lock is not None
-        with self._send_lock:
+        with self._lock:
             conn.send_command(*args)
 
-    def _send_quietly(self, *args: Any) -> None:
+    def send_quietly(self, *args: Any) -> None:
         """Send a command; if the connection is broken the reader reconnects anyway."""
         try:
-            self._send(*args)
+            self.send(*args)
         except (redis.RedisError, OSError) as exc:
             log.info("could not send %s (%s); the reconnect will catch up", args[0], exc)

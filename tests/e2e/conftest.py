@@ -94,13 +94,21 @@ E2E_SETTINGS = {
 
 
 @contextlib.contextmanager
-def running_stack(workdir: Path, **overrides: str) -> Iterator[Stack]:
+def running_stack(
+    workdir: Path, overrides: dict[str, str] | None = None, files: tuple[str, ...] = ()
+) -> Iterator[Stack]:
     """A whole stack with E2E_SETTINGS (plus `overrides`), up and healthy, under its
-    own project name and port; torn down (with its volume) on exit."""
+    own project name and port; torn down (with its volume) on exit. `files`: the
+    compose files, when not just compose.yaml."""
     _require_docker_and_compose()
     project = f"herald-e2e-{os.getpid()}-{secrets.token_hex(3)}"
     port = free_port()
-    settings = {**E2E_SETTINGS, **overrides, "HERALD_PORT": str(port), "COMPOSE_PROJECT_NAME": project}
+    settings = {
+        **E2E_SETTINGS,
+        **(overrides or {}),
+        "HERALD_PORT": str(port),
+        "COMPOSE_PROJECT_NAME": project,
+    }
     env_file = workdir / "e2e.env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
     the_stack = Stack(
@@ -110,6 +118,7 @@ def running_stack(workdir: Path, **overrides: str) -> Iterator[Stack]:
         token=settings["PUBLISH_TOKEN"],
         settings=settings,
         log_dir=workdir,
+        files=files,
     )
     started = time.monotonic()
     try:

@@ -77,6 +77,7 @@ class Stack:
     token: str
     settings: dict[str, str]
     log_dir: Path
+    files: tuple[str, ...] = ()  # compose files, when not just compose.yaml
     session: requests.Session = field(default_factory=requests.Session)
 
     @property
@@ -91,7 +92,8 @@ class Stack:
         env = dict(os.environ)
         if not prepare:
             env["HERALD_SKIP_PREPARE"] = "1"
-        command = [*compose_command(), "-p", self.project, "--env-file", str(self.env_file), *args]
+        files = [arg for name in self.files for arg in ("-f", name)]
+        command = [*compose_command(), "-p", self.project, "--env-file", str(self.env_file), *files, *args]
         result = subprocess.run(
             command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
         )

@@ -24,6 +24,7 @@ import requests
 
 from tests.e2e.conftest import running_stack
 from tests.e2e.support import ROOT, Stack, wait_until
+from tests.support import keys
 from tests.support.docker import in_ci
 
 STREAMS = 5000
@@ -56,7 +57,7 @@ def assert_nothing_left_behind(stack: Stack, channel: str) -> None:
     """Every replica lets go of every client, and of the channel's Redis subscription."""
     wait_until(lambda: clients(stack) == 0, 30, "every stream-service client to be gone")
     wait_until(
-        lambda: stack.redis_cli("PUBSUB", "NUMSUB", f"herald:live:{channel}").split()[-1] == "0",
+        lambda: stack.redis_cli("PUBSUB", "SHARDNUMSUB", keys.live_key(channel)).split()[-1] == "0",
         30,
         "the channel's Redis subscription to end",
     )
@@ -128,7 +129,7 @@ NGINX_MAX_STREAMS = 15  # over all replicas
 def small(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("herald-e2e-small")
     limits = {"MAX_CONNECTIONS": str(MAX_CONNECTIONS), "NGINX_MAX_STREAMS": str(NGINX_MAX_STREAMS)}
-    with running_stack(workdir, **limits) as the_stack:
+    with running_stack(workdir, limits) as the_stack:
         yield the_stack
 
 

@@ -34,6 +34,7 @@ from tests.e2e.drills import (
     wait_spread,
 )
 from tests.e2e.support import Stack, wait_until
+from tests.support import keys
 
 pytestmark = pytest.mark.e2e
 
@@ -335,7 +336,7 @@ def test_drill_slow_consumer(stack: Stack, streams: list[str], measurements: dic
 def resources(stack: Stack, streams: list[str], channels: list[str]) -> dict[str, Any]:
     """What the replicas and Redis hold: must come back to the baseline after churn."""
     per_replica = [probe_replica(stack, c) for c in streams]
-    numsub = stack.redis_cli("PUBSUB", "NUMSUB", *(f"herald:live:{c}" for c in channels)).split()
+    numsub = stack.redis_cli("PUBSUB", "SHARDNUMSUB", *(keys.live_key(c) for c in channels)).split()
     clients = [line for line in stack.redis_cli("CLIENT", "LIST").splitlines() if line.strip()]
     fields = [dict(kv.split("=", 1) for kv in line.split() if "=" in kv) for line in clients]
     return {

@@ -13,6 +13,7 @@ import redis
 import requests
 
 from tests.conftest import post_events
+from tests.support import keys
 from tests.support.services import Service
 from tests.support.sse_client import SSEClient, open_stream, stream_url
 
@@ -204,6 +205,6 @@ def test_a_timed_out_publish_is_retried_exactly_once_with_its_idempotency_key(
         (event,) = client.wait_events(1, timeout=10)
         assert retry.json()["id"] == event.id and event.data == '"once"'
         assert not client.wait_for(lambda: len(client.events) > 1, timeout=1)
-        assert redis_client.xlen(f"herald:stream:{channel}") == 1
+        assert redis_client.xlen(keys.stream_key(channel)) == 1
     finally:
         client.close()

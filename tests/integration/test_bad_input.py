@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import post_events
+from tests.support import keys
 from tests.support.services import Service
 from tests.support.sse_client import SSEClient, open_stream
 
@@ -161,9 +162,9 @@ def test_raw_newlines_written_straight_to_redis_still_make_one_event(
     client = open_stream(stream.url, [channel])
     try:
         epoch = client.last_id.rsplit("-", 1)[0]
-        seq = redis_client.hincrby("herald:meta", "seq", 1)
+        seq = redis_client.hincrby(keys.meta_key(channel), "seq", 1)
         payload = f"{epoch} {seq} message line1\r\nid: 1\nevent: reset\rdata: x"
-        redis_client.publish(f"herald:live:{channel}", payload)
+        redis_client.spublish(keys.live_key(channel), payload)
         (event,) = client.wait_events(1)
         assert event.event == "message" and event.id == f"{epoch}-{seq}"
         assert event.data == "line1\nid: 1\nevent: reset\ndata: x"

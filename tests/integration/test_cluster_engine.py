@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 
 import pytest
 
-from tests.support.cluster import Cluster, running_cluster
-from tests.support.docker import REDIS_IMAGE, require_docker
+from tests.support.cluster import Cluster
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    require_docker("the Redis Cluster tests")
-    with running_cluster(REDIS_IMAGE) as running:
-        yield running
+@pytest.fixture
+def cluster(redis_cluster: Cluster) -> Cluster:
+    """The session's cluster, whole."""
+    redis_cluster.wait_healthy(timeout=60)
+    return redis_cluster
 
 
 def test_three_masters_each_with_a_replica(cluster: Cluster) -> None:
@@ -55,7 +53,13 @@ def test_a_killed_master_is_replaced_by_its_replica(cluster: Cluster) -> None:
     owner = client.get_node_from_key(key)
     assert owner is not None and owner.port in cluster.masters()
     cluster.kill(owner.port)
-    cluster.wait_healthy(masters=3, replicas=2, timeout=30)
-    assert owner.port not in cluster.masters() and len(cluster.masters()) == 3
-    # The promoted replica serves the slot; what was replicated before the kill is there.
-    assert int(cluster.client().hincrby(key, "seq", 1)) == 42
+    try:
+        cluster.wait_healthy(masters=3, replicas=2, timeout=30)
+        assert owner.port not in cluster.masters() and len(cluster.masters()) == 3
+        # The promoted replica serves the slot; what was replicated before the kill is there.
+        assert int(cluster.client().hincrby(key, "seq", 1)) == 42
+    finally:
+        cluster.revive(owner.port)
+        cluster.wait_healthy(timeout=60)
+    # Started again, the node rejoined as a replica of the one that took over.
+    assert owner.port in cluster.replicas()

@@ -5,7 +5,9 @@
     the contract describes them, without any of the publisher's code.
 
 These tests share the session's Redis with every other test: they never flush
-it, and they use the epoch already in `herald:meta`.
+it, and they use the epoch already in the meta hash. The services run with the
+default PARTITIONS=1, so every channel is in partition 0 (`herald:{p0}:...`);
+tests/integration/test_publisher.py checks the publisher with more partitions.
 """
 
 from __future__ import annotations
@@ -23,20 +25,24 @@ import redis
 from redis.client import Pipeline
 
 from tests.conftest import post_events
+from tests.integration.conftest import Deployment
+from tests.support import keys
 from tests.support.services import Service
 from tests.support.sse_client import SSEClient, open_stream
 
-META = "herald:meta"
-CHANNELS = "herald:channels"
+# With one partition, every channel's (crc32 mod 1 = 0): partition 0.
+META = keys.meta_key("")
+CHANNELS = keys.channels_key("")
 EPOCH_RE = re.compile(r"[0-9a-f]{12}")
 
 
 def stream_key(channel: str) -> str:
-    return f"herald:stream:{channel}"
+    return keys.stream_key(channel)
 
 
 def live_key(channel: str) -> str:
-    return f"herald:live:{channel}"
+    """The sharded Pub/Sub channel (SPUBLISH / SSUBSCRIBE) of the channel's events."""
+    return keys.live_key(channel)
 
 
 def entries(client: redis.Redis, channel: str) -> list[tuple[int, dict[str, str]]]:
@@ -92,9 +98,11 @@ def test_publisher_writes_meta_streams_and_channel_heads(
         id_epoch, id_seq = split_id(event_id)
         assert id_epoch == epoch
         seqs.append(id_seq)
-    # One counter for all channels: strictly increasing in publish order, across channels.
+    # One counter per partition; with one partition, for all channels: strictly
+    # increasing in publish order, across channels.
     assert all(x < y for x, y in itertools.pairwise(seqs))
-    assert seq == seqs[-1]  # herald:meta seq is the last number given out
+    assert seq == seqs[-1]  # the meta hash's seq is the last number given out
+    assert redis_client.hget(META, "partitions") == b"1"  # P, as the publisher is configured
 
     for name in (a, b):
         mine = [(s, e, d) for s, (_, c, e, d) in zip(seqs, ids, strict=True) if c == name]
@@ -107,7 +115,7 @@ def test_publisher_writes_meta_streams_and_channel_heads(
             assert fields["data"] == json.dumps(data, separators=(",", ":"))
             assert int(fields["prev"]) == prev  # the channel's previous event, 0 for its first
             prev = entry_seq
-        # herald:channels holds each channel's newest seq.
+        # The channels hash holds each channel's newest seq.
         assert redis_client.hget(CHANNELS, name) == str(prev).encode()
         # The default HISTORY_TTL_SECONDS (7 days) is set on the stream at each publish.
         assert 0 < redis_client.ttl(stream_key(name)) <= 604800
@@ -119,12 +127,12 @@ def test_live_message_is_epoch_seq_event_data(
     a, b = channel + ".a", channel + ".b"
     pubsub = redis_client.pubsub()
     try:
-        pubsub.subscribe(live_key(a), live_key(b))
+        pubsub.ssubscribe(live_key(a), live_key(b))
         confirmed = 0
         deadline = time.monotonic() + 10
         while confirmed < 2 and time.monotonic() < deadline:
             message = pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
-            if message and message["type"] == "subscribe":
+            if message and message["type"] == "ssubscribe":
                 confirmed += 1
         assert confirmed == 2, "the subscriptions were not confirmed"
 
@@ -140,7 +148,7 @@ def test_live_message_is_epoch_seq_event_data(
         deadline = time.monotonic() + 10
         while len(received) < len(sent) and time.monotonic() < deadline:
             message = pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
-            if message and message["type"] == "message":
+            if message and message["type"] == "smessage":
                 received.append((message["channel"].decode(), message["data"].decode("utf-8")))
         assert len(received) == len(sent), received
     finally:
@@ -189,44 +197,91 @@ def test_history_maxlen_trims_approximately(
     assert redis_client.ttl(stream_key(channel)) == -1
 
 
+def test_idempotency_record_is_the_partitions_part_of_the_first_answer(
+    publisher: Service, redis_client: redis.Redis, channel: str
+) -> None:
+    key = secrets.token_hex(8)
+    batch = [{"channel": channel, "data": i} for i in range(3)]
+    first = post_events(publisher.url, batch, headers={"Idempotency-Key": key})
+    assert first.status_code == 202, first.text
+    ids = [split_id(e["id"]) for e in first.json()["events"]]
+    found = [k.decode() for k in redis_client.scan_iter(match=keys.idempotency_pattern(0), count=1000)]
+    # herald:{p0}:idem:<caller>:<key>, <caller> a hash of the Authorization header.
+    (record,) = [k for k in found if k.endswith(f":{key}")]
+    caller = record[len("herald:{p0}:idem:") : -len(f":{key}")]
+    assert re.fullmatch(r"[0-9a-f]+", caller), record
+    raw: Any = redis_client.hgetall(record)
+    fields = {k.decode(): v.decode() for k, v in raw.items()}
+    assert set(fields) == {"fingerprint", "epoch", "seqs"}
+    assert fields["epoch"] == ids[0][0]
+    assert fields["seqs"] == ",".join(str(seq) for _, seq in ids)
+    assert 0 < redis_client.ttl(record) <= 86400  # IDEMPOTENCY_WINDOW_SECONDS
+    # A replay writes only the record's `replays` counter.
+    again = post_events(publisher.url, batch, headers={"Idempotency-Key": key})
+    assert again.status_code == 202 and again.json() == first.json()
+    assert redis_client.hget(record, "replays") == b"1"
+    assert len(entries(redis_client, channel)) == 3
+
+
 # -- (b) the stream service's side -------------------------------------------------------
+#
+# On both deployments: the session's single Redis (PARTITIONS=1), and the Redis
+# Cluster (PARTITIONS=16), where each event is written on the node that owns its
+# partition's slot. A test's channels share a partition, so ids are plain.
+
+
+def names(deployment: Deployment, channel: str, count: int) -> list[str]:
+    """`count` channel names that share one partition of the deployment."""
+    return keys.channels_in_one_partition(channel, count, deployment.partitions)
 
 
 def contract_publish(
-    client: redis.Redis, channel: str, event: str, data: str, maxlen: int = 1000
+    d: Deployment, channel: str, event: str, data: str, maxlen: int = 1000
 ) -> tuple[str, int]:
     """Publish one event with plain Redis commands, as docs/redis-contract.md says.
 
-    MULTI/EXEC instead of the publisher's Lua script: WATCH the two hashes, read
-    the epoch, the next seq and the channel's previous seq, then queue HINCRBY,
-    HSET, XADD and PUBLISH; if anything changed in between, EXEC fails and we retry.
+    MULTI/EXEC instead of the publisher's Lua script: WATCH the partition's two
+    hashes, read the epoch, the next seq and the channel's previous seq, then
+    queue HINCRBY, HSET, XADD and SPUBLISH; if anything changed in between, EXEC
+    fails and we retry.
     """
-    client.hsetnx(META, "epoch", secrets.token_hex(6))
+    p = d.partitions
+    meta_key, channels_key = keys.meta_key(channel, p), keys.channels_key(channel, p)
+    client = d.node(channel)
+    client.hsetnx(meta_key, "epoch", secrets.token_hex(6))
+    client.hsetnx(meta_key, "partitions", p)
     result: dict[str, Any] = {}
 
     def write(pipe: Pipeline) -> None:
-        current: Any = pipe.hmget(META, "epoch", "seq")
+        current: Any = pipe.hmget(meta_key, "epoch", "seq")
         epoch_b, seq_b = current
-        prev = int(pipe.hget(CHANNELS, channel) or 0)
+        prev = int(pipe.hget(channels_key, channel) or 0)
         epoch, seq = epoch_b.decode(), int(seq_b or 0) + 1
         pipe.multi()
-        pipe.hsetnx(META, "epoch", epoch)
-        pipe.hincrby(META, "seq", 1)
-        pipe.hset(CHANNELS, channel, seq)
+        pipe.hsetnx(meta_key, "epoch", epoch)
+        pipe.hincrby(meta_key, "seq", 1)
+        pipe.hset(channels_key, channel, seq)
         pipe.execute_command(
-            "XADD", stream_key(channel), "MAXLEN", "~", maxlen, f"{seq}-0",
+            "XADD", keys.stream_key(channel, p), "MAXLEN", "~", maxlen, f"{seq}-0",
             "event", event, "data", data, "prev", prev,
         )  # fmt: skip
-        pipe.execute_command("PUBLISH", live_key(channel), f"{epoch} {seq} {event} {data}")
+        pipe.execute_command("SPUBLISH", keys.live_key(channel, p), f"{epoch} {seq} {event} {data}")
         result.update(epoch=epoch, seq=seq)
 
-    replies: Any = client.transaction(write, META, CHANNELS)
+    replies: Any = client.transaction(write, meta_key, channels_key)
     assert replies[1] == result["seq"], replies  # HINCRBY agreed with what we wrote
     return result["epoch"], result["seq"]
 
 
-def current_id(client: redis.Redis) -> str:
-    epoch, seq = meta(client)
+def partition_meta(d: Deployment, channel: str) -> tuple[str, int]:
+    raw: Any = d.node(channel).hmget(d.meta_key(channel), "epoch", "seq")
+    epoch, seq = raw
+    assert epoch is not None
+    return epoch.decode(), int(seq or 0)
+
+
+def current_id(d: Deployment, channel: str) -> str:
+    epoch, seq = partition_meta(d, channel)
     return f"{epoch}-{seq}"
 
 
@@ -235,10 +290,10 @@ def events_of(client: SSEClient) -> list[tuple[str, str, str]]:
 
 
 def test_stream_delivers_events_written_with_plain_redis_commands(
-    stream: Service, redis_client: redis.Redis, channel: str
+    deployment: Deployment, channel: str
 ) -> None:
-    a, b = channel + ".a", channel + ".b"
-    client = open_stream(stream.url, [a, b])
+    a, b = names(deployment, channel, 2)
+    client = open_stream(deployment.stream.url, [a, b])
     try:
         assert client.status == 200
         written = [
@@ -249,7 +304,7 @@ def test_stream_delivers_events_written_with_plain_redis_commands(
         ]
         expected = []
         for target, event, data in written:
-            epoch, seq = contract_publish(redis_client, target, event, data)
+            epoch, seq = contract_publish(deployment, target, event, data)
             expected.append((f"{epoch}-{seq}", event, data))
         client.wait_events(len(written))
         assert events_of(client) == expected
@@ -258,30 +313,29 @@ def test_stream_delivers_events_written_with_plain_redis_commands(
         client.close()
 
 
-def test_stream_replays_plain_redis_events_on_resume(
-    stream: Service, redis_client: redis.Redis, channel: str
-) -> None:
-    a, b = channel + ".a", channel + ".b"
-    before = current_id(redis_client)
+def test_stream_replays_plain_redis_events_on_resume(deployment: Deployment, channel: str) -> None:
+    d = deployment
+    a, b = names(d, channel, 2)
+    before = current_id(d, a)
     written = []
     for i, target in enumerate([a, b, a]):
-        epoch, seq = contract_publish(redis_client, target, "past", json.dumps({"i": i, "s": "a b"}))
+        epoch, seq = contract_publish(d, target, "past", json.dumps({"i": i, "s": "a b"}))
         written.append((f"{epoch}-{seq}", "past", json.dumps({"i": i, "s": "a b"})))
 
     # Everything since `before` comes from history (it was written before the stream opened).
-    client = open_stream(stream.url, [a, b], last_event_id=before)
+    client = open_stream(d.stream.url, [a, b], last_event_id=before)
     try:
         client.wait_events(3)
         assert events_of(client) == written
         # Then the stream is live: a new event follows the replay.
-        epoch, seq = contract_publish(redis_client, b, "now", '"live"')
+        epoch, seq = contract_publish(d, b, "now", '"live"')
         client.wait_events(4)
         assert events_of(client)[3] == (f"{epoch}-{seq}", "now", '"live"')
     finally:
         client.close()
 
     # A resume from the first event (Last-Event-ID header, as a browser reconnects) gets the rest.
-    again = open_stream(stream.url, [a, b], header_id=written[0][0])
+    again = open_stream(d.stream.url, [a, b], header_id=written[0][0])
     try:
         again.wait_events(3)
         assert events_of(again)[:2] == written[1:]
@@ -298,22 +352,23 @@ def wait_reset(client: SSEClient) -> tuple[str, dict[str, Any]]:
 
 @pytest.mark.parametrize("reason", ["epoch_changed", "unknown_id"])
 def test_resume_from_an_id_redis_does_not_know_is_a_reset(
-    stream: Service, redis_client: redis.Redis, channel: str, reason: str
+    deployment: Deployment, channel: str, reason: str
 ) -> None:
-    contract_publish(redis_client, channel, "e", "1")
-    epoch, seq = meta(redis_client)
+    d = deployment
+    contract_publish(d, channel, "e", "1")
+    epoch, seq = partition_meta(d, channel)
     if reason == "epoch_changed":
         other = ("0" if epoch[0] != "0" else "1") + epoch[1:]
         last = f"{other}-{seq}"
     else:
         last = f"{epoch}-{seq + 1000}"
-    client = open_stream(stream.url, [channel], last_event_id=last)
+    client = open_stream(d.stream.url, [channel], last_event_id=last)
     try:
         reset_id, data = wait_reset(client)
         assert data == {"reason": reason}
         # The reset carries the current position, from which the client continues.
         assert split_id(reset_id) == (epoch, seq)
-        new_epoch, new_seq = contract_publish(redis_client, channel, "after", '"x"')
+        new_epoch, new_seq = contract_publish(d, channel, "after", '"x"')
         client.wait_events(2)
         assert events_of(client)[1] == (f"{new_epoch}-{new_seq}", "after", '"x"')
     finally:
@@ -321,16 +376,16 @@ def test_resume_from_an_id_redis_does_not_know_is_a_reset(
 
 
 @pytest.mark.parametrize("how", ["trimmed", "expired"])
-def test_resume_across_lost_history_is_a_reset(
-    stream: Service, redis_client: redis.Redis, channel: str, how: str
-) -> None:
-    before = current_id(redis_client)
-    seqs = [contract_publish(redis_client, channel, "e", str(i))[1] for i in range(3)]
+def test_resume_across_lost_history_is_a_reset(deployment: Deployment, channel: str, how: str) -> None:
+    d = deployment
+    before = current_id(d, channel)
+    seqs = [contract_publish(d, channel, "e", str(i))[1] for i in range(3)]
+    node, stream = d.node(channel), keys.stream_key(channel, d.partitions)
     if how == "trimmed":
-        assert redis_client.xtrim(stream_key(channel), maxlen=1, approximate=False) == 2
+        assert node.xtrim(stream, maxlen=1, approximate=False) == 2
     else:
-        assert redis_client.delete(stream_key(channel)) == 1  # as if the idle TTL ran out
-    client = open_stream(stream.url, [channel], last_event_id=before)
+        assert node.delete(stream) == 1  # as if the idle TTL ran out
+    client = open_stream(d.stream.url, [channel], last_event_id=before)
     try:
         reset_id, data = wait_reset(client)
         assert data == {"reason": "history_trimmed"}
@@ -340,12 +395,12 @@ def test_resume_across_lost_history_is_a_reset(
 
     # From an id after the lost events, nothing is missing: no reset, just what is left.
     after_lost = seqs[1] if how == "trimmed" else seqs[2]
-    later = open_stream(stream.url, [channel], last_event_id=f"{split_id(before)[0]}-{after_lost}")
+    later = open_stream(d.stream.url, [channel], last_event_id=f"{split_id(before)[0]}-{after_lost}")
     try:
         if how == "trimmed":
             later.wait_events(1)
             assert events_of(later)[0][1:] == ("e", "2")
-        epoch, seq = contract_publish(redis_client, channel, "fresh", "3")
+        epoch, seq = contract_publish(d, channel, "fresh", "3")
         later.wait_for(lambda: any(e.event == "fresh" for e in later.events))
         assert [e.event for e in later.events] == (["e"] if how == "trimmed" else []) + ["fresh"]
         assert later.events[-1].id == f"{epoch}-{seq}"
@@ -353,22 +408,58 @@ def test_resume_across_lost_history_is_a_reset(
         later.close()
 
 
-def test_resume_with_trimming_before_the_id_is_not_a_reset(
-    stream: Service, redis_client: redis.Redis, channel: str
-) -> None:
-    quiet, busy = channel + ".quiet", channel + ".busy"
-    contract_publish(redis_client, quiet, "old", "0")
+def test_resume_with_trimming_before_the_id_is_not_a_reset(deployment: Deployment, channel: str) -> None:
+    d = deployment
+    quiet, busy = names(d, channel, 2)
+    contract_publish(d, quiet, "old", "0")
     for i in range(5):
-        contract_publish(redis_client, busy, "e", str(i))
+        contract_publish(d, busy, "e", str(i))
     # Trimming removes only events the client has already seen.
-    assert redis_client.xtrim(stream_key(busy), maxlen=1, approximate=False) == 4
-    last = current_id(redis_client)
-    epoch, seq = contract_publish(redis_client, busy, "e", "5")
-    client = open_stream(stream.url, [quiet, busy], last_event_id=last)
+    stream = keys.stream_key(busy, d.partitions)
+    assert d.node(busy).xtrim(stream, maxlen=1, approximate=False) == 4
+    last = current_id(d, busy)
+    epoch, seq = contract_publish(d, busy, "e", "5")
+    client = open_stream(d.stream.url, [quiet, busy], last_event_id=last)
     try:
         client.wait_events(1)
-        new_epoch, new_seq = contract_publish(redis_client, quiet, "new", "1")
+        new_epoch, new_seq = contract_publish(d, quiet, "new", "1")
         client.wait_events(2)
         assert events_of(client) == [(f"{epoch}-{seq}", "e", "5"), (f"{new_epoch}-{new_seq}", "new", "1")]
     finally:
         client.close()
+
+
+def test_a_stream_over_several_partitions_sends_and_resumes_a_vector_id(
+    deployment: Deployment, channel: str
+) -> None:
+    """With PARTITIONS > 1 two channels in different partitions give a vector id;
+    with PARTITIONS = 1 (every channel in partition 0) the id keeps its plain form."""
+    d = deployment
+    if d.partitions == 1:
+        a, b = channel + ".a", channel + ".b"
+    else:
+        a, b = keys.channels_in_distinct_partitions(channel, 2, d.partitions)
+    pa, pb = keys.partition(a, d.partitions), keys.partition(b, d.partitions)
+    client = open_stream(d.stream.url, [a, b])
+    try:
+        ea, sa = contract_publish(d, a, "e", '"a"')
+        eb, sb = contract_publish(d, b, "e", '"b"')
+        client.wait_events(2)
+        if d.partitions == 1:
+            assert client.last_id == f"{eb}-{sb}"
+        else:
+            # One entry per partition, sorted by partition: `<p>.<epoch>-<seq>` joined by `_`.
+            entries = {pa: f"{pa}.{ea}-{sa}", pb: f"{pb}.{eb}-{sb}"}
+            assert client.last_id == "_".join(entries[p] for p in sorted(entries))
+        last = client.last_id
+    finally:
+        client.close()
+    for target in (b, a, b):
+        contract_publish(d, target, "m", f'"{target}"')
+    resumed = open_stream(d.stream.url, [a, b], last_event_id=last)
+    try:
+        resumed.wait_events(3)
+        got = sorted((e.event, e.data) for e in resumed.events)
+        assert got == sorted(("m", f'"{t}"') for t in (b, a, b))
+    finally:
+        resumed.close()

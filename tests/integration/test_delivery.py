@@ -12,12 +12,16 @@ import redis
 import requests
 
 from tests.conftest import post_events, stats
+from tests.integration.conftest import Deployment
+from tests.support import keys
 from tests.support.services import Service, eventually
 from tests.support.sse_client import SSEClient, open_stream
 
 
 def numsub(client: redis.Redis, channel: str) -> int:
-    return int(dict(client.pubsub_numsub(f"herald:live:{channel}"))[f"herald:live:{channel}".encode()])
+    """Subscribers of the channel's sharded Pub/Sub channel."""
+    key = keys.live_key(channel)
+    return int(dict(client.pubsub_shardnumsub(key))[key.encode()])
 
 
 def rss_kib(pid: int) -> int:
@@ -77,7 +81,7 @@ def test_one_pubsub_connection_per_worker(
     try:
         new = [c for c in redis_client.client_list(_type="pubsub") if c["id"] not in name_before]
         assert len(new) == 1, new
-        assert int(new[0]["sub"]) == 50
+        assert int(new[0]["ssub"]) == 50  # sharded Pub/Sub: SSUBSCRIBE
     finally:
         for client in clients:
             client.close()
@@ -135,11 +139,7 @@ def test_killed_pubsub_connection_loses_nothing(
     try:
         while not done.is_set() and kills < 5:
             time.sleep(0.1)
-            mine = [
-                c
-                for c in redis_client.client_list(_type="pubsub")
-                if f"herald:live:{channel}" in c.get("name", "") or int(c.get("sub", 0)) >= 1
-            ]
+            mine = [c for c in redis_client.client_list(_type="pubsub") if int(c.get("ssub", 0)) >= 1]
             for conn in mine:
                 redis_client.client_kill_filter(_id=conn["id"])
             kills += 1
@@ -191,18 +191,18 @@ def test_stop_ends_streams_cleanly_and_quickly(start: Callable[..., Service], ch
 
 
 def test_streams_opened_while_publishing_get_everything_after_their_position(
-    start: Callable[..., Service], publish: Callable[..., str], channel: str
+    deployment: Deployment, start_on: Callable[..., Service], channel: str
 ) -> None:
     # Many clients open the same new channel at once while events flow: each
     # must get exactly the events after the position its stream started at,
     # also those published before Redis confirmed the channel's subscription.
-    service = start("stream", HEARTBEAT_SECONDS="1")
+    service = start_on("stream", HEARTBEAT_SECONDS="1")
     sent: list[str] = []
     done = threading.Event()
 
     def publish_steadily() -> None:
         for i in range(150):
-            sent.append(publish(channel, i))
+            sent.append(deployment.publish(channel, i))
         done.set()
 
     publisher_thread = threading.Thread(target=publish_steadily)
@@ -220,6 +220,7 @@ def test_streams_opened_while_publishing_get_everything_after_their_position(
         publisher_thread.join(60)
         assert done.is_set() and len(clients) == 30
         for client in clients:
+            assert client.status == 200, (client.status, client.body)
             position = int(client.raw.split(b"\nid: ", 1)[1].split(b"\n", 1)[0].rsplit(b"-", 1)[1])
             expected = [i for i in sent if int(i.rsplit("-", 1)[1]) > position]
             client.wait_events(len(expected), timeout=30)

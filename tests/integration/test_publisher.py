@@ -17,11 +17,14 @@ from typing import Any
 
 import pytest
 import redis
+import redis.client
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import post_events
+from tests.support import keys
+from tests.support.docker import REDIS_IMAGE, require_docker
 from tests.support.services import Service, eventually, free_port
 
 ID_RE = re.compile(r"([0-9a-f]{12})-([1-9][0-9]*)")
@@ -36,9 +39,15 @@ def seq_of(event_id: str) -> int:
     return int(match[2])
 
 
-def history(client: redis.Redis, channel: str) -> list[tuple[str, dict[str, str]]]:
+def epoch_of(event_id: str) -> str:
+    match = ID_RE.fullmatch(event_id)
+    assert match, event_id
+    return match[1]
+
+
+def history(client: redis.Redis, channel: str, partitions: int = 1) -> list[tuple[str, dict[str, str]]]:
     """The channel's stream entries, decoded: [(entry id, {field: value})]."""
-    raw: Any = client.xrange(f"herald:stream:{channel}")
+    raw: Any = client.xrange(keys.stream_key(channel, partitions))
     return [
         (entry_id.decode(), {k.decode(): v.decode() for k, v in fields.items()}) for entry_id, fields in raw
     ]
@@ -86,13 +95,14 @@ def test_single_json_event_is_accepted_and_stored(
     match = ID_RE.fullmatch(body["id"])
     assert match, body["id"]
     epoch, seq = match[1], int(match[2])
-    assert redis_client.hget("herald:meta", "epoch") == epoch.encode()
-    assert int(redis_client.hget("herald:meta", "seq") or 0) >= seq
+    assert redis_client.hget(keys.meta_key(channel), "epoch") == epoch.encode()
+    assert int(redis_client.hget(keys.meta_key(channel), "seq") or 0) >= seq
+    assert redis_client.hget(keys.meta_key(channel), "partitions") == b"1"
     # `prev` is 0: the channel had no event before this one.
     assert history(redis_client, channel) == [
         (f"{seq}-0", {"event": "message", "data": '{"b":[1,2],"a":"x y"}', "prev": "0"})
     ]
-    assert redis_client.hget("herald:channels", channel) == str(seq).encode()
+    assert redis_client.hget(keys.channels_key(channel), channel) == str(seq).encode()
 
 
 def test_event_name_and_unicode_data_are_stored_as_utf8_json(
@@ -144,8 +154,8 @@ def test_batch_ids_are_in_order_and_strictly_increasing(
         prev = previous[item["channel"]]
         assert by_seq[seq] == {"event": item["event"], "data": str(item["data"]), "prev": str(prev)}
         previous[item["channel"]] = seq
-    assert redis_client.hget("herald:channels", a) == str(previous[a]).encode()
-    assert redis_client.hget("herald:channels", b) == str(previous[b]).encode()
+    assert redis_client.hget(keys.channels_key(a), a) == str(previous[a]).encode()
+    assert redis_client.hget(keys.channels_key(b), b) == str(previous[b]).encode()
 
 
 def test_form_body_like_curl_sends_stores_data_as_a_json_string(
@@ -211,9 +221,9 @@ def test_bad_json_requests_get_400_with_a_json_error(
     publisher: Service, redis_client: redis.Redis, case: str
 ) -> None:
     body, code = BAD_JSON[case]
-    seq_before = redis_client.hget("herald:meta", "seq")
+    seq_before = redis_client.hget(keys.meta_key("c"), "seq")
     assert_error(post_raw(publisher.url, body, JSON), 400, code)
-    assert redis_client.hget("herald:meta", "seq") == seq_before  # nothing was stored
+    assert redis_client.hget(keys.meta_key("c"), "seq") == seq_before  # nothing was stored
 
 
 BAD_FORMS: dict[str, tuple[bytes, str]] = {
@@ -429,6 +439,11 @@ def test_idempotency_key_errors_are_json(publisher: Service, redis_client: redis
         answer = post_events(publisher.url, event, headers={"Idempotency-Key": bad})
         assert_error(answer, 400, "invalid_idempotency_key")
     assert len(history(redis_client, channel)) == 1
+    # The record is the partition's: herald:{p0}:idem:<caller>:<key>.
+    records = [k.decode() for k in redis_client.scan_iter(keys.idempotency_pattern(0), count=1000)]
+    (record,) = [r for r in records if r.endswith(f":{key}")]
+    assert record.startswith("herald:{p0}:idem:")
+    assert redis_client.hget(record, "seqs") == str(seq_of(first.json()["id"])).encode()
 
 
 # -- all or nothing ---------------------------------------------------------------
@@ -448,16 +463,247 @@ def test_a_batch_failing_in_its_third_item_stores_nothing(
 ) -> None:
     a, b = channel + ".a", channel + ".b"
     post_events(publisher.url, {"channel": a, "data": 0})  # a stream that already exists
-    lengths = {c: redis_client.xlen(f"herald:stream:{c}") for c in (a, b)}
-    seq_before = redis_client.hget("herald:meta", "seq")
+    lengths = {c: redis_client.xlen(keys.stream_key(c)) for c in (a, b)}
+    seq_before = redis_client.hget(keys.meta_key(a), "seq")
     if isinstance(third, dict) and third.get("channel") == "c":
         third = {**third, "channel": b}
     batch = [{"channel": a, "data": 1}, {"channel": b, "data": 2}, third, {"channel": a, "data": 4}]
     body = assert_error(post_events(publisher.url, batch), status)
     assert "item 2" in body["message"]
-    assert {c: redis_client.xlen(f"herald:stream:{c}") for c in (a, b)} == lengths
+    assert {c: redis_client.xlen(keys.stream_key(c)) for c in (a, b)} == lengths
     assert lengths == {a: 1, b: 0}
-    assert redis_client.hget("herald:meta", "seq") == seq_before
+    assert redis_client.hget(keys.meta_key(a), "seq") == seq_before
+
+
+# -- partitions (contract version 2) ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def own_redis() -> Iterator[str]:
+    """A Redis of this module's own, as a URL without a database number (each test
+    takes a database of its own). The session's Redis holds data written with
+    PARTITIONS=1, which a publisher with another count refuses."""
+    require_docker("the partition tests")
+    from testcontainers.community.redis import RedisContainer
+
+    with RedisContainer(REDIS_IMAGE) as container:
+        yield f"redis://{container.get_container_host_ip()}:{container.get_exposed_port(6379)}"
+
+
+def subscribe_sharded(pubsub: redis.client.PubSub, channels: list[str]) -> None:
+    """SSUBSCRIBE to the channels and wait until Redis confirmed each."""
+    pubsub.ssubscribe(*channels)
+    confirmed = 0
+    deadline = time.monotonic() + 10
+    while confirmed < len(channels) and time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+        if message and message["type"] == "ssubscribe":
+            confirmed += 1
+    assert confirmed == len(channels), "the subscriptions were not confirmed"
+
+
+def sharded_messages(pubsub: redis.client.PubSub, count: int) -> list[tuple[str, str]]:
+    """The next `count` sharded messages: [(Pub/Sub channel, text)]."""
+    received: list[tuple[str, str]] = []
+    deadline = time.monotonic() + 10
+    while len(received) < count and time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+        if message and message["type"] == "smessage":
+            received.append((message["channel"].decode(), message["data"].decode("utf-8")))
+    assert len(received) == count, received
+    return received
+
+
+def idempotency_record(client: Any, partition: int, key: str) -> dict[str, str]:
+    """The partition's record of an Idempotency-Key (whatever the caller part), decoded."""
+    found = [k for k in client.scan_iter(match=keys.idempotency_pattern(partition), count=1000)]
+    (record,) = [k for k in found if k.decode().endswith(f":{key}")]
+    return {k.decode(): v.decode() for k, v in client.hgetall(record).items()}
+
+
+def data_text(data: Any) -> str:
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+
+def test_a_batch_over_several_partitions_is_stored_in_each_of_them(
+    start: Callable[..., Service], own_redis: str
+) -> None:
+    url = f"{own_redis}/0"
+    pub = start("publisher", redis_url_override=url, PARTITIONS="8")
+    db = redis.Redis.from_url(url)
+    a, b, c = keys.channels_in_distinct_partitions(f"t.{uuid.uuid4().hex[:8]}", 3, 8)
+    pubsub = db.pubsub()
+    try:
+        subscribe_sharded(pubsub, [keys.live_key(ch, 8) for ch in (a, b, c)])
+        batch: list[dict[str, Any]] = [
+            {"channel": a, "event": "first", "data": {"n": 0, "s": "x y"}},
+            {"channel": b, "data": 1},
+            {"channel": a, "data": [2]},
+            {"channel": c, "event": "e.3", "data": "three"},
+            {"channel": b, "data": None},
+        ]
+        key = {"Idempotency-Key": uuid.uuid4().hex}
+        answer = post_events(pub.url, batch, headers=key)
+        assert answer.status_code == 202, answer.text
+        ids = [e["id"] for e in answer.json()["events"]]
+        assert [e["channel"] for e in answer.json()["events"]] == [item["channel"] for item in batch]
+        live = sharded_messages(pubsub, len(batch))
+    finally:
+        pubsub.close()
+
+    expected_live = []
+    for ch in (a, b, c):  # the order in which the batch first names their partitions
+        mine = [(i, item) for i, item in enumerate(batch) if item["channel"] == ch]
+        raw: Any = db.hmget(keys.meta_key(ch, 8), "epoch", "seq")
+        epoch, last = raw[0].decode(), int(raw[1])
+        assert db.hget(keys.meta_key(ch, 8), "partitions") == b"8"
+        # Each id is <epoch>-<seq> of the event's partition, numbered by that partition's counter.
+        assert {epoch_of(ids[i]) for i, _ in mine} == {epoch}
+        seqs = [seq_of(ids[i]) for i, _ in mine]
+        assert seqs == list(range(last - len(mine) + 1, last + 1))
+        prevs = [0, *seqs[:-1]]
+        assert history(db, ch, 8) == [
+            (
+                f"{seq}-0",
+                {"event": item.get("event", "message"), "data": data_text(item["data"]), "prev": str(prev)},
+            )
+            for seq, prev, (_, item) in zip(seqs, prevs, mine, strict=True)
+        ]
+        assert db.hget(keys.channels_key(ch, 8), ch) == str(seqs[-1]).encode()
+        # The channel's events are in its partition only.
+        assert [k.decode() for k in db.scan_iter(match=f"herald:*:stream:{ch}")] == [keys.stream_key(ch, 8)]
+        for seq, (_, item) in zip(seqs, mine, strict=True):
+            event = item.get("event", "message")
+            expected_live.append((keys.live_key(ch, 8), f"{epoch} {seq} {event} {data_text(item['data'])}"))
+        # The partition's idempotency record holds the seqs of its own events.
+        record = idempotency_record(db, keys.partition(ch, 8), key["Idempotency-Key"])
+        assert (record["epoch"], record["seqs"]) == (epoch, ",".join(map(str, seqs)))
+    # SPUBLISH on each event's partition, partition after partition.
+    assert live == expected_live
+    assert len({epoch_of(i) for i in ids}) == 3  # an epoch per partition
+
+    # The same request again: the same ids, nothing stored twice.
+    lengths = {ch: db.xlen(keys.stream_key(ch, 8)) for ch in (a, b, c)}
+    again = post_events(pub.url, batch, headers=key)
+    assert again.status_code == 202, again.text
+    assert again.json() == answer.json()
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert {ch: db.xlen(keys.stream_key(ch, 8)) for ch in (a, b, c)} == lengths
+
+    # A single event takes the next number of its own partition only.
+    single = post_events(pub.url, {"channel": c, "data": "four"})
+    assert single.status_code == 202, single.text
+    assert single.json()["id"] == f"{epoch_of(ids[3])}-{seq_of(ids[3]) + 1}"
+    assert db.hget(keys.meta_key(a, 8), "seq") == str(seq_of(ids[2])).encode()
+
+
+def test_a_publisher_configured_with_another_partition_count_is_refused(
+    start: Callable[..., Service], own_redis: str, channel: str
+) -> None:
+    url = f"{own_redis}/1"
+    db = redis.Redis.from_url(url)
+    one = start("publisher", redis_url_override=url)  # PARTITIONS=1, the default
+    assert post_events(one.url, {"channel": channel, "data": 1}).status_code == 202
+    assert db.hget(keys.meta_key(channel), "partitions") == b"1"
+
+    two = start("publisher", redis_url_override=url, PARTITIONS="2", RETRY_AFTER_SECONDS="3")
+    in_p0, in_p1 = sorted(
+        keys.channels_in_distinct_partitions(channel, 2, 2), key=lambda ch: keys.partition(ch, 2)
+    )
+    for body in (
+        {"channel": in_p1, "data": 2},
+        [{"channel": in_p0, "data": 3}, {"channel": in_p1, "data": 4}],
+    ):
+        answer = post_events(two.url, body)
+        message = assert_error(answer, 503, "misconfigured")["message"]
+        assert "PARTITIONS=1" in message and "PARTITIONS=2" in message, message
+        assert answer.headers["Retry-After"] == "3"
+    # Nothing was written with the wrong count, not even in a partition the data never used.
+    assert list(db.scan_iter(match="herald:{p1}:*")) == []
+    assert db.xlen(keys.stream_key(in_p0, 2)) == 0
+    assert eventually(lambda: "misconfigured" in two.log(), timeout=5), two.log()
+    assert "Traceback" not in two.log()
+    # The publisher with the right count is unaffected.
+    assert post_events(one.url, {"channel": in_p1, "data": 5}).status_code == 202
+
+
+def test_the_publish_script_refuses_a_partition_written_with_another_count(
+    start: Callable[..., Service], own_redis: str, channel: str
+) -> None:
+    url = f"{own_redis}/3"
+    db = redis.Redis.from_url(url)
+    pub = start("publisher", redis_url_override=url, PARTITIONS="2")
+    a, b = keys.channels_in_distinct_partitions(channel, 2, 2)
+    assert post_events(pub.url, {"channel": a, "data": 1}).status_code == 202
+    # Later, b's partition turns out to be written with another count (another publisher):
+    # the script itself refuses it (HERALD_PARTITIONS), before writing anything.
+    db.hset(keys.meta_key(b, 2), "partitions", "3")
+    seq_a = db.hget(keys.meta_key(a, 2), "seq")
+    for body in ({"channel": b, "data": 2}, [{"channel": b, "data": 3}, {"channel": a, "data": 4}]):
+        message = assert_error(post_events(pub.url, body), 503, "misconfigured")["message"]
+        assert "PARTITIONS=3" in message and "PARTITIONS=2" in message, message
+    assert db.xlen(keys.stream_key(b, 2)) == 0
+    assert db.hget(keys.meta_key(b, 2), "seq") is None
+    assert db.hget(keys.meta_key(a, 2), "seq") == seq_a
+    assert "Traceback" not in pub.log()
+
+
+def test_a_batch_failing_in_its_second_partition_is_partially_stored_and_a_retry_completes_it(
+    start: Callable[..., Service], own_redis: str, channel: str
+) -> None:
+    url = f"{own_redis}/2"
+    db = redis.Redis.from_url(url)
+    pub = start("publisher", redis_url_override=url, PARTITIONS="8")
+    a, b, c, d = keys.channels_in_distinct_partitions(channel, 4, 8)
+    # A real failure of b's partition: its meta is not a hash (WRONGTYPE in the script).
+    db.set(keys.meta_key(b, 8), "not a hash")
+    batch = [
+        {"channel": a, "data": 0},
+        {"channel": b, "data": 1},
+        {"channel": a, "data": 2},
+        {"channel": c, "data": 3},
+    ]
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    answer = post_events(pub.url, batch, headers=key)
+    assert answer.status_code == 503, answer.text
+    assert answer.headers["Content-Type"] == "application/json"
+    assert answer.headers["Retry-After"] == "2"
+    body = answer.json()
+    assert set(body) == {"error", "message", "events"} and body["error"] == "partially_stored", body
+    partial = body["events"]
+    assert partial[1] is None and partial[3] is None
+    assert [partial[0]["channel"], partial[2]["channel"]] == [a, a]
+    # Exactly what the answer names is stored; the rest is not.
+    assert [entry_id for entry_id, _ in history(db, a, 8)] == [
+        f"{seq_of(partial[i]['id'])}-0" for i in (0, 2)
+    ]
+    assert history(db, b, 8) == [] and history(db, c, 8) == []
+    assert not db.exists(keys.meta_key(c, 8))  # c's partition was never reached
+    # An event of the broken partition alone: a 503 like any Redis failure, not a 500.
+    assert_error(post_events(pub.url, {"channel": b, "data": 9}), 503, "redis_unavailable")
+
+    # Repaired, the same request with the same key stores the rest, exactly once.
+    db.delete(keys.meta_key(b, 8))
+    retry = post_events(pub.url, batch, headers=key)
+    assert retry.status_code == 202, retry.text
+    assert "Idempotent-Replayed" not in retry.headers  # b's and c's events were stored just now
+    done = retry.json()["events"]
+    assert [e["channel"] for e in done] == [a, b, a, c]
+    assert (done[0], done[2]) == (partial[0], partial[2])
+    for ch in (a, b, c):
+        answered = [f"{seq_of(e['id'])}-0" for e in done if e["channel"] == ch]
+        assert [entry_id for entry_id, _ in history(db, ch, 8)] == answered
+    again = post_events(pub.url, batch, headers=key)
+    assert again.status_code == 202 and again.json() == retry.json()
+    assert again.headers["Idempotent-Replayed"] == "true"
+
+    # The key with another request: 422 before anything is stored, even in a
+    # partition that has no record of the key.
+    other = [{"channel": d, "data": 0}, {"channel": a, "data": 0}]
+    assert_error(post_events(pub.url, other, headers=key), 422, "idempotency_key_reused")
+    assert history(db, d, 8) == []
+    assert len(history(db, a, 8)) == 2
+    assert "Traceback" not in pub.log() and "unexpected error" not in pub.log()
 
 
 # -- other paths and methods ---------------------------------------------------------

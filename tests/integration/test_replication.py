@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from tests.conftest import post_events
+from tests.support import keys
 from tests.support.docker import REDIS_IMAGE, require_docker
 from tests.support.services import Service
 
@@ -26,6 +27,7 @@ class Replica:
 
     def __init__(self, container: Any, host: str) -> None:
         self.container = container
+        self.host = host
         self.client = redis.Redis(host=host, port=6379, socket_timeout=2)
 
     def linked(self) -> bool:
@@ -73,9 +75,9 @@ def replica(primary: tuple[str, str]) -> Iterator[Replica]:
         yield running
 
 
-def stored(client: redis.Redis, channel: str) -> list[str]:
+def stored(client: redis.Redis, channel: str, partitions: int = 1) -> list[str]:
     """The sequence numbers in the channel's history on this server."""
-    entries: Any = client.xrange(f"herald:stream:{channel}")
+    entries: Any = client.xrange(keys.stream_key(channel, partitions))
     return [entry_id.decode().split("-")[0] for entry_id, _ in entries]
 
 
@@ -137,3 +139,49 @@ def test_waiting_for_more_replicas_than_there_are_never_answers_202(
     answer = post_events(publisher.url, {"channel": channel, "data": 1})
     assert answer.status_code == 503 and answer.json()["error"] == "not_replicated"
     assert "1 of 2 replicas" in answer.json()["message"]
+
+
+def test_waiting_covers_every_partition_of_a_batch(
+    start: Callable[..., Service], primary: tuple[str, str], replica: Replica, channel: str
+) -> None:
+    # Database 1: database 0 holds data written with PARTITIONS=1 (replication covers both).
+    url = primary[0].rsplit("/", 1)[0] + "/1"
+    publisher = start(
+        "publisher",
+        redis_url_override=url,
+        PARTITIONS="4",
+        PUBLISH_WAIT_REPLICAS="1",
+        PUBLISH_WAIT_TIMEOUT_SECONDS="0.3",
+    )
+    names = keys.channels_in_distinct_partitions(channel, 3, 4)
+    body = [{"channel": name, "data": i} for i in range(2) for name in names]
+    on_replica = redis.Redis(host=replica.host, port=6379, db=1, socket_timeout=2)
+
+    def by_channel(answer: dict[str, Any]) -> dict[str, list[str]]:
+        return {n: [e["id"].split("-")[1] for e in answer["events"] if e["channel"] == n] for n in names}
+
+    answer = post_events(publisher.url, body)
+    assert answer.status_code == 202, answer.text
+    # At once on the replica, in every partition.
+    for name, seqs_of_name in by_channel(answer.json()).items():
+        assert stored(on_replica, name, 4) == seqs_of_name
+
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    replica.container.get_wrapped_container().pause()
+    try:
+        began = time.monotonic()
+        failed = post_events(publisher.url, body, headers=key)
+        # One WAIT per server, not per partition.
+        assert failed.status_code == 503 and time.monotonic() - began < 2, failed.text
+        assert failed.json()["error"] == "not_replicated"
+        # Every event of the batch was stored on the primary before the answer.
+        on_primary = redis.Redis.from_url(url)
+        for name, seqs_of_name in by_channel(failed.json()).items():
+            assert stored(on_primary, name, 4)[-2:] == seqs_of_name
+    finally:
+        replica.container.get_wrapped_container().unpause()
+    replica.wait_linked()
+    again = post_events(publisher.url, body, headers=key)
+    assert again.status_code == 202, again.text
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.json() == {"events": failed.json()["events"]}

@@ -8,44 +8,42 @@ from collections.abc import Callable
 import redis
 
 from tests.conftest import post_events
+from tests.integration.conftest import Deployment
+from tests.support import keys
 from tests.support.services import Service
 from tests.support.sse_client import open_stream
 
 
-def test_resume_from_header_replays_exactly_the_missed_events(
-    stream: Service, publish: Callable[..., str], channel: str
-) -> None:
-    first = open_stream(stream.url, [channel])
-    ids = [publish(channel, i) for i in range(5)]
+def test_resume_from_header_replays_exactly_the_missed_events(deployment: Deployment, channel: str) -> None:
+    first = open_stream(deployment.stream.url, [channel])
+    ids = [deployment.publish(channel, i) for i in range(5)]
     assert [e.id for e in first.wait_events(5)] == ids
     first.close()
-    missed = [publish(channel, i) for i in range(5, 10)]
-    again = open_stream(stream.url, [channel], header_id=ids[-1])
+    missed = [deployment.publish(channel, i) for i in range(5, 10)]
+    again = open_stream(deployment.stream.url, [channel], header_id=ids[-1])
     try:
         assert [e.id for e in again.wait_events(5)] == missed
-        live = publish(channel, 10)
+        live = deployment.publish(channel, 10)
         assert [e.id for e in again.wait_events(6)] == [*missed, live]
         assert [e.json() for e in again.events] == list(range(5, 11))
     finally:
         again.close()
 
 
-def test_resume_from_query_parameter(stream: Service, publish: Callable[..., str], channel: str) -> None:
-    ids = [publish(channel, i) for i in range(6)]
-    client = open_stream(stream.url, [channel], last_event_id=ids[2])
+def test_resume_from_query_parameter(deployment: Deployment, channel: str) -> None:
+    ids = [deployment.publish(channel, i) for i in range(6)]
+    client = open_stream(deployment.stream.url, [channel], last_event_id=ids[2])
     try:
         assert [e.id for e in client.wait_events(3)] == ids[3:]
     finally:
         client.close()
 
 
-def test_header_wins_over_the_query_parameter(
-    stream: Service, publish: Callable[..., str], channel: str
-) -> None:
+def test_header_wins_over_the_query_parameter(deployment: Deployment, channel: str) -> None:
     # A browser reconnects to the same URL (with the first lastEventId in it) and
     # sends the newer Last-Event-ID header: the header must decide.
-    ids = [publish(channel, i) for i in range(6)]
-    client = open_stream(stream.url, [channel], last_event_id=ids[0], header_id=ids[3])
+    ids = [deployment.publish(channel, i) for i in range(6)]
+    client = open_stream(deployment.stream.url, [channel], last_event_id=ids[0], header_id=ids[3])
     try:
         assert [e.id for e in client.wait_events(2)] == ids[4:]
         assert not client.wait_for(lambda: len(client.events) > 2, timeout=0.5)
@@ -53,13 +51,12 @@ def test_header_wins_over_the_query_parameter(
         client.close()
 
 
-def test_resume_across_channels_is_merged_in_publish_order(
-    stream: Service, publish: Callable[..., str], channel: str
-) -> None:
-    a, b, c = (f"{channel}.{x}" for x in "abc")
-    sent = [(ch, publish(ch, i)) for i, ch in enumerate([a, b, c] * 10)]
+def test_resume_across_channels_is_merged_in_publish_order(deployment: Deployment, channel: str) -> None:
+    # In one partition: one sequence orders them (across partitions no order is defined).
+    a, b, c = deployment.same_partition(channel, 3)
+    sent = [(ch, deployment.publish(ch, i)) for i, ch in enumerate([a, b, c] * 10)]
     start = sent[4][1]
-    client = open_stream(stream.url, [a, b], last_event_id=start)
+    client = open_stream(deployment.stream.url, [a, b], last_event_id=start)
     try:
         expected = [i for ch, i in sent[5:] if ch != c]
         got = client.wait_events(len(expected))
@@ -69,16 +66,14 @@ def test_resume_across_channels_is_merged_in_publish_order(
         client.close()
 
 
-def test_fresh_stream_gets_a_position_so_reconnect_is_gapless(
-    stream: Service, publish: Callable[..., str], channel: str
-) -> None:
-    first = open_stream(stream.url, [channel])
+def test_fresh_stream_gets_a_position_so_reconnect_is_gapless(deployment: Deployment, channel: str) -> None:
+    first = open_stream(deployment.stream.url, [channel])
     assert first.wait_for(lambda: first.last_id != "")
     position = first.last_id
     first.close()
     # Published while the client was away, before it ever saw an event.
-    missed = [publish(channel, i) for i in range(3)]
-    again = open_stream(stream.url, [channel], header_id=position)
+    missed = [deployment.publish(channel, i) for i in range(3)]
+    again = open_stream(deployment.stream.url, [channel], header_id=position)
     try:
         assert [e.id for e in again.wait_events(3)] == missed
     finally:
@@ -109,9 +104,9 @@ def test_trimmed_history_sends_reset_then_live_events(
         client.close()
 
 
-def test_unknown_future_id_sends_reset(stream: Service, publish: Callable[..., str], channel: str) -> None:
-    epoch, seq = publish(channel, 1).split("-")
-    client = open_stream(stream.url, [channel], last_event_id=f"{epoch}-{int(seq) + 10**9}")
+def test_unknown_future_id_sends_reset(deployment: Deployment, channel: str) -> None:
+    epoch, seq = deployment.publish(channel, 1).split("-")
+    client = open_stream(deployment.stream.url, [channel], last_event_id=f"{epoch}-{int(seq) + 10**9}")
     try:
         (reset,) = client.wait_events(1)
         assert reset.event == "reset" and json.loads(reset.data) == {"reason": "unknown_id"}
@@ -190,15 +185,15 @@ def test_writes_lost_in_a_failover_start_a_new_epoch_so_no_id_repeats(
         ids = [post_events(pub.url, {"channel": channel, "data": i}).json()["id"] for i in range(5)]
         assert [e.id for e in client.wait_events(5)] == ids
         epoch = ids[0].split("-")[0]
-        db.hset("herald:meta", "seq", 3)  # events 4 and 5 are gone...
-        db.xdel(f"herald:stream:{channel}", "4-0", "5-0")
-        db.execute_command("XSETID", f"herald:stream:{channel}", "3-0")  # as on the replica
-        db.hset("herald:channels", channel, 3)
+        db.hset(keys.meta_key(channel), "seq", 3)  # events 4 and 5 are gone...
+        db.xdel(keys.stream_key(channel), "4-0", "5-0")
+        db.execute_command("XSETID", keys.stream_key(channel), "3-0")  # as on the replica
+        db.hset(keys.channels_key(channel), channel, 3)
         db.client_kill_filter(_type="pubsub")  # ...and the stream worker reconnects
         reset = client.wait_events(6)[5]
         assert reset.event == "reset" and json.loads(reset.data) == {"reason": "epoch_changed"}
         new_epoch = reset.id.split("-")[0]
-        assert new_epoch != epoch and db.hget("herald:meta", "epoch") == new_epoch.encode()
+        assert new_epoch != epoch and db.hget(keys.meta_key(channel), "epoch") == new_epoch.encode()
         answer = post_events(pub.url, {"channel": channel, "data": "after"})
         assert answer.status_code == 202, answer.text
         after = answer.json()["id"]

@@ -98,6 +98,11 @@ QUICK = Sizes(
 )
 
 
+def stored_total(client: redis.Redis) -> int:
+    """Events stored so far: the sum of every partition's sequence (docs/redis-contract.md)."""
+    return sum(int(client.hget(key, "seq") or 0) for key in client.scan_iter("herald:{p*}:meta", count=1000))
+
+
 def percentiles(values: Sequence[float]) -> dict[str, float]:
     """p50, p95, p99 and max, in milliseconds (nearest rank)."""
     if not values:
@@ -445,7 +450,7 @@ class Bench:
         recording = await self.profile(f"publish-{route.name}-batch{batch}", "publisher", 120)
         client = redis.Redis.from_url(self.stack.redis_url)
         try:
-            seq0 = int(client.hget("herald:meta", "seq") or 0)
+            seq0 = stored_total(client)
             before = self.usage()
             t0 = time.perf_counter()
             try:
@@ -455,7 +460,7 @@ class Bench:
                     conn.close()
             elapsed = time.perf_counter() - t0
             after = self.usage()
-            seq1 = int(client.hget("herald:meta", "seq") or 0)
+            seq1 = stored_total(client)
         finally:
             client.close()
         accepted = statuses.get(202, 0)
@@ -493,12 +498,17 @@ class Bench:
         client = redis.Redis.from_url(self.stack.redis_url)
         try:
             prefix = f"bench.{self.run_id}."
-            keys = list(itertools.islice(client.scan_iter(f"herald:stream:{prefix}*", count=1000), 100000))
+            pattern = f"herald:{{p*}}:stream:{prefix}*"
+            keys = list(itertools.islice(client.scan_iter(pattern, count=1000), 100000))
             for i in range(0, len(keys), 1000):
                 client.delete(*keys[i : i + 1000])
-            fields = [k.decode()[len("herald:stream:") :] for k in keys]
-            for i in range(0, len(fields), 1000):
-                client.hdel("herald:channels", *fields[i : i + 1000])
+            by_tag: dict[str, list[str]] = {}
+            for key in keys:
+                tag, _, channel = key.decode().partition(":stream:")
+                by_tag.setdefault(tag, []).append(channel)
+            for tag, fields in by_tag.items():
+                for i in range(0, len(fields), 1000):
+                    client.hdel(f"{tag}:channels", *fields[i : i + 1000])
         finally:
             client.close()
 

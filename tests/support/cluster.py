@@ -22,17 +22,24 @@ from redis.retry import Retry
 PORTS = tuple(range(7000, 7006))
 NODE_TIMEOUT_MS = 2000
 
+# One node, started in its own directory under the working directory (/data);
+# `$port` and `$ip` are set by the caller. nodes.conf stays there, so a killed
+# node started again rejoins the cluster (as a replica of whoever took over).
+NODE = f"""
+mkdir -p "$port"
+redis-server --port "$port" --dir "$PWD/$port" --daemonize yes \\
+  --pidfile "$PWD/$port/redis.pid" --logfile "$PWD/$port/log" \\
+  --bind 0.0.0.0 --protected-mode no --save '' --appendonly no \\
+  --cluster-enabled yes --cluster-config-file nodes.conf \\
+  --cluster-node-timeout {NODE_TIMEOUT_MS} --cluster-announce-ip "$ip"
+"""
+
 # Runs as the image's own user, in its working directory (/data).
 START = f"""
 set -e
 ip=$(hostname -i | cut -d' ' -f1)
 for port in {" ".join(map(str, PORTS))}; do
-  mkdir -p "$port"
-  redis-server --port "$port" --dir "$PWD/$port" --daemonize yes \\
-    --pidfile "$PWD/$port/redis.pid" --logfile "$PWD/$port/log" \\
-    --bind 0.0.0.0 --protected-mode no --save '' --appendonly no \\
-    --cluster-enabled yes --cluster-config-file nodes.conf \\
-    --cluster-node-timeout {NODE_TIMEOUT_MS} --cluster-announce-ip "$ip"
+{NODE}
 done
 for port in {" ".join(map(str, PORTS))}; do
   until redis-cli -p "$port" ping >/dev/null 2>&1; do sleep 0.1; done
@@ -84,6 +91,43 @@ class Cluster:
     def kill(self, port: int) -> None:
         """Crash one node: SIGKILL, nothing saved, no goodbye to its replica."""
         self.container.exec(["sh", "-c", f"kill -9 $(cat {port}/redis.pid)"])
+
+    def revive(self, port: int) -> None:
+        """Start a killed node again: it rejoins as a replica of the node that took over."""
+        script = f"ip=$(hostname -i | cut -d' ' -f1); port={port}; {NODE}"
+        self.container.exec(["sh", "-c", script])
+
+    def node_id(self, port: int) -> str:
+        node_id = self._node(port).cluster("myid")
+        return node_id.decode() if isinstance(node_id, bytes) else str(node_id)
+
+    def owner(self, slot: int) -> int:
+        """The port of the master serving `slot`."""
+        for port in self.masters():
+            for start, end, master, *_ in self._node(port).execute_command("CLUSTER", "SLOTS"):
+                if int(start) <= slot <= int(end):
+                    return int(master[1])
+        raise LookupError(f"no master serves slot {slot}")
+
+    def migrate(self, slot: int, to_port: int, batch: int = 10) -> int:
+        """Move `slot` to the master at `to_port`, the way `redis-cli --cluster reshard`
+        does: IMPORTING/MIGRATING, MIGRATE its keys in batches, then SETSLOT NODE
+        on both and every other master. Returns how many keys moved."""
+        from_port = self.owner(slot)
+        source, target = self._node(from_port), self._node(to_port)
+        source_id, target_id = self.node_id(from_port), self.node_id(to_port)
+        target.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        source.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        moved = 0
+        while keys := source.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch):
+            source.execute_command("MIGRATE", self.host, to_port, "", 0, 5000, "KEYS", *keys)
+            moved += len(keys)
+        target.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        source.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        for port in self.masters():
+            if port not in (from_port, to_port):
+                self._node(port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        return moved
 
     def _synced(self) -> bool:
         """Every replica's link to its master is up (a replica still in its first

@@ -13,8 +13,8 @@ import json
 
 import pytest
 from stream.core import (
-    LIVE_PREFIX,
     Action,
+    BadEventId,
     Beat,
     ChannelState,
     Core,
@@ -33,6 +33,9 @@ from stream.core import (
     Subscribe,
     Unavailable,
     Unsubscribe,
+    live_key,
+    parse_event_id,
+    partition_of,
 )
 
 from tests.support.sse import Event, SSEParser
@@ -42,7 +45,7 @@ OTHER = "ba9876543210"
 
 
 def key(channel: str) -> bytes:
-    return LIVE_PREFIX + channel.encode()
+    return live_key(channel, 0)
 
 
 def payload(seq: int, data: str, epoch: str = EPOCH, event: str = "message") -> bytes:
@@ -117,7 +120,7 @@ class World:
     # -- inputs -------------------------------------------------------------
 
     def connect(self, seq: int, epoch: str = EPOCH) -> None:
-        self.do(self.core.connection_up(epoch, seq))
+        self.do(self.core.connection_up(0, epoch, seq))
 
     def open(self, *channels: str, resume: Position | None = None, expires: float | None = None) -> Client:
         stream = Stream(channels, resume, expires)
@@ -134,7 +137,7 @@ class World:
 
     def catch_up(self, client: Client, replay: Replay | None = None) -> None:
         """The adapter read the stream's history (or needed none): it goes live."""
-        client.feed(self.core.caught_up(client.stream, replay))
+        client.feed(self.core.caught_up(client.stream, {0: replay} if replay else None))
 
     def leave(self, client: Client) -> None:
         self.do(self.core.leave(client.stream))
@@ -175,13 +178,16 @@ def test_a_first_stream_subscribes_and_goes_live_once_confirmed() -> None:
     assert state(client) is StreamState.WAITING and world.ready == []
     world.confirm("a")
     assert world.ready == [client.stream]
-    # Just confirmed: what was published between the position and the SUBSCRIBE
-    # taking effect must come from history.
+    # Just confirmed: events published between the worker's position and the
+    # SUBSCRIBE taking effect never come live, so the stream starts where Redis
+    # is now (its partition's position is read), not from the older position.
     assert client.stream.history is not None
-    assert client.stream.history.after == Position(EPOCH, 5) and not client.stream.history.check
-    world.catch_up(client, Replay(EPOCH, 6, [event(6, "a", "six")]))
+    assert client.stream.history.after == {0: Position(EPOCH, 5)} and not client.stream.history.check
+    world.message("a", 6, "six")  # live while it catches up, but before its start
+    world.catch_up(client, Replay(EPOCH, 6))
+    assert client.parser.last_event_id == f"{EPOCH}-6"  # its start: the id-only frame
     world.message("a", 7, "seven")
-    assert client.data == ["six", "seven"]
+    assert client.data == ["seven"]
     assert client.parser.last_event_id == f"{EPOCH}-7"
 
 
@@ -293,7 +299,7 @@ def test_a_stream_leaving_while_the_gap_is_replayed_is_unsubscribed() -> None:
     assert len(world.gaps) == 1  # the worker now reads the gap
     world.leave(client)
     assert world.subscribed() == set()
-    world.do(world.core.gap_read(Replay(EPOCH, 0)))
+    world.do(world.core.gap_read(0, Replay(EPOCH, 0)))
     assert world.core.channels == {} and world.subscribed() == set()
 
 
@@ -313,7 +319,7 @@ def test_held_replayed_and_live_events_reach_a_stream_once_each_in_order() -> No
     (gap,) = world.gaps
     assert gap.after == Position(EPOCH, 1) and gap.channels == ("a",)
     assert client.data == ["one"]  # nothing is dispatched while the gap is open
-    world.do(world.core.gap_read(Replay(EPOCH, 4, [event(2, "a", "two"), event(3, "a", "three")])))
+    world.do(world.core.gap_read(0, Replay(EPOCH, 4, [event(2, "a", "two"), event(3, "a", "three")])))
     world.message("a", 5, "five")
     assert client.data == ["one", "two", "three", "four (held)", "five"]
     assert world.core.channels[key("a")].state is ChannelState.LIVE
@@ -340,7 +346,7 @@ def test_a_stream_opened_during_recovery_goes_live_after_the_gap() -> None:
     assert world.gaps == []  # b is not confirmed yet
     world.confirm("b")
     assert len(world.gaps) == 1 and state(late) is StreamState.WAITING
-    world.do(world.core.gap_read(Replay(EPOCH, 0)))
+    world.do(world.core.gap_read(0, Replay(EPOCH, 0)))
     assert state(late) is StreamState.CATCHING_UP
 
 
@@ -446,7 +452,7 @@ def test_a_stream_whose_queue_overflows_while_catching_up_is_cut() -> None:
         world.message("a", seq, "x" * 40)
     assert late.ended == "slow" and state(late) is StreamState.CLOSED
     assert late.stream not in world.core.streams
-    assert world.core.caught_up(late.stream, Replay(EPOCH, 0)).startswith(world.core.preamble)
+    assert world.core.caught_up(late.stream, {0: Replay(EPOCH, 0)}).startswith(world.core.preamble)
 
 
 def test_a_tick_beats_live_streams_and_ends_expired_ones() -> None:
@@ -483,3 +489,178 @@ def test_a_malformed_message_is_reported_and_skipped() -> None:
     world.do(world.core.message(key("a"), payload(1, "x", event="bad\nname")))
     world.message("a", 2, "fine")
     assert world.malformed == 2 and client.data == ["fine"]
+
+
+# -- partitions (PARTITIONS > 1) -------------------------------------------------------
+
+PARTS = 4
+
+
+def two_partitions() -> tuple[str, str]:
+    """Two channel names in different partitions (of PARTS)."""
+    names = [f"ch{i}" for i in range(20)]
+    first = names[0]
+    second = next(n for n in names if partition_of(n, PARTS) != partition_of(first, PARTS))
+    return first, second
+
+
+class PartitionedWorld(World):
+    """A World whose core has PARTS partitions, all on one connection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.core = Core(max_streams=100, queue_limit_bytes=10_000, retry_ms=1000, partitions=PARTS)
+        self.epochs = {p: f"{p:012x}" for p in range(PARTS)}
+
+    def up(self, seqs: dict[int, int] | None = None) -> None:
+        for p in range(PARTS):
+            self.do(self.core.connection_up(p, self.epochs[p], (seqs or {}).get(p, 0)))
+
+    def pkey(self, channel: str) -> bytes:
+        return live_key(channel, partition_of(channel, PARTS))
+
+    def send(self, channel: str, seq: int, data: str) -> None:
+        epoch = self.epochs[partition_of(channel, PARTS)]
+        self.do(self.core.message(self.pkey(channel), payload(seq, data, epoch)))
+
+    def open_on(self, *channels: str, resume: str | None = None) -> Client:
+        stream = Stream(channels, parse_event_id(resume) if resume else None)
+        client = self.clients[stream] = Client(stream)
+        self.do(self.core.open(stream))
+        for c in channels:
+            self.do(self.core.confirmed(self.pkey(c)))
+        return client
+
+    def read(self, client: Client, history: dict[int, list[HistoryEvent]], seqs: dict[int, int]) -> None:
+        """Answer the stream's history request from `history`, Redis being at `seqs`."""
+        request = client.stream.history
+        replays = None
+        if request is not None:
+            replays = {
+                p: Replay(
+                    self.epochs[p],
+                    seqs.get(p, 0),
+                    [e for e in history.get(p, []) if e.seq > after.seq and e.channel in request.channels[p]],
+                )
+                for p, after in request.after.items()
+            }
+        client.feed(self.core.caught_up(client.stream, replays))
+
+
+def test_a_stream_over_two_partitions_carries_a_vector_id_and_a_single_one_a_plain_id() -> None:
+    a, b = two_partitions()
+    pa, pb = sorted((partition_of(a, PARTS), partition_of(b, PARTS)))
+    world = PartitionedWorld()
+    world.up({partition_of(a, PARTS): 3, partition_of(b, PARTS): 7})
+    both = world.open_on(a, b)
+    only_a = world.open_on(a)
+    # One SSUBSCRIBE per partition: a call may only name channels of one slot.
+    assert sorted(len(keys) for _, keys in world.commands) == [1, 1]
+    world.read(both, {}, {})
+    world.read(only_a, {}, {})
+    world.send(a, 4, "a4")
+    world.send(b, 8, "b8")
+    world.send(a, 5, "a5")
+    assert [e.data for e in both.events] == ["a4", "b8", "a5"]
+    assert [e.data for e in only_a.events] == ["a4", "a5"]
+    assert only_a.parser.last_event_id == f"{world.epochs[partition_of(a, PARTS)]}-5"
+    positions = {partition_of(a, PARTS): 5, partition_of(b, PARTS): 8}
+    expected = "_".join(f"{p}.{world.epochs[p]}-{positions[p]}" for p in (pa, pb))
+    assert both.parser.last_event_id == expected
+
+
+def test_a_vector_id_resumes_each_partition_exactly() -> None:
+    a, b = two_partitions()
+    qa, qb = partition_of(a, PARTS), partition_of(b, PARTS)
+    world = PartitionedWorld()
+    world.up({qa: 10, qb: 20})
+    resume = "_".join(f"{p}.{world.epochs[p]}-{s}" for p, s in sorted({qa: 8, qb: 19}.items()))
+    client = world.open_on(a, b, resume=resume)
+    request = client.stream.history
+    assert request is not None and request.check
+    assert request.after == {qa: Position(world.epochs[qa], 8), qb: Position(world.epochs[qb], 19)}
+    history = {
+        qa: [event(8, a, "a8"), event(9, a, "a9"), event(10, a, "a10")],
+        qb: [event(19, b, "b19"), event(20, b, "b20")],
+    }
+    world.send(a, 11, "a11")  # live while it catches up: queued, after the replay
+    world.read(client, history, {qa: 10, qb: 20})
+    assert sorted(e.data for e in client.events) == ["a10", "a11", "a9", "b20"]
+    order_a = [e.data for e in client.events if e.data.startswith("a")]
+    assert order_a == ["a9", "a10", "a11"]
+
+
+@pytest.mark.parametrize("kind", ["plain", "missing_partition"])
+def test_an_id_that_does_not_name_every_partition_of_the_stream_resets_it(kind: str) -> None:
+    a, b = two_partitions()
+    qa, qb = partition_of(a, PARTS), partition_of(b, PARTS)
+    world = PartitionedWorld()
+    world.up({qa: 10, qb: 20})
+    resume = f"{world.epochs[qa]}-3" if kind == "plain" else f"{qa}.{world.epochs[qa]}-3"
+    client = world.open_on(a, b, resume=resume)
+    assert client.stream.history is None
+    world.read(client, {}, {})
+    assert [e.event for e in client.events] == ["reset"]
+    assert json.loads(client.events[0].data) == {"reason": "unknown_id"}
+    lo, hi = sorted((qa, qb))
+    seqs = {qa: 10, qb: 20}
+    assert client.events[0].id == f"{lo}.{world.epochs[lo]}-{seqs[lo]}_{hi}.{world.epochs[hi]}-{seqs[hi]}"
+    world.send(b, 21, "b21")
+    assert client.data == ["b21"]
+
+
+def test_one_partition_lost_and_back_replays_its_gap_while_the_other_stays_live() -> None:
+    a, b = two_partitions()
+    qa = partition_of(a, PARTS)
+    world = PartitionedWorld()
+    world.up()
+    client = world.open_on(a, b)
+    world.read(client, {}, {})
+    world.send(a, 1, "a1")
+    world.do(world.core.connection_lost([qa]))
+    world.send(b, 1, "b1")  # the other partition goes on
+    world.do(world.core.connection_up(qa, world.epochs[qa], 3))
+    assert world.commands[-1] == ("SUBSCRIBE", (world.pkey(a),))
+    world.do(world.core.confirmed(world.pkey(a)))
+    gap = world.gaps[-1]
+    assert gap.partition == qa and gap.after == Position(world.epochs[qa], 1)
+    world.do(world.core.gap_read(qa, Replay(world.epochs[qa], 3, [event(2, a, "a2"), event(3, a, "a3")])))
+    world.send(a, 3, "a3")  # a duplicate of the replay: dropped
+    world.send(a, 4, "a4")
+    assert client.data == ["a1", "b1", "a2", "a3", "a4"]
+
+
+def test_an_epoch_change_in_one_partition_resets_its_streams_to_a_new_vector() -> None:
+    a, b = two_partitions()
+    qa, qb = partition_of(a, PARTS), partition_of(b, PARTS)
+    world = PartitionedWorld()
+    world.up({qa: 5, qb: 5})
+    both, only_b = world.open_on(a, b), world.open_on(b)
+    world.read(both, {}, {})
+    world.read(only_b, {}, {})
+    world.epochs[qa] = "fedcba987654"
+    world.send(a, 1, "new-a1")
+    assert [e.event for e in both.events] == ["reset", "message"]
+    assert f"{qa}.fedcba987654-1" in both.parser.last_event_id
+    assert only_b.events == []
+    world.send(b, 6, "b6")
+    assert both.data == ["new-a1", "b6"] and only_b.data == ["b6"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "0.0123456789ab", "0.0123456789ab-1_0.0123456789ab-2", "x.0123456789ab-1", "0.0123456789AB-1"],
+)
+def test_malformed_vector_ids_are_refused(text: str) -> None:
+    with pytest.raises(BadEventId):
+        parse_event_id(text)
+
+
+def test_a_vector_id_is_parsed_and_its_length_is_bounded() -> None:
+    assert parse_event_id("3.0123456789ab-7_10.ba9876543210-1") == {
+        3: Position("0123456789ab", 7),
+        10: Position("ba9876543210", 1),
+    }
+    entries = "_".join(f"{p}.0123456789ab-1" for p in range(65))
+    with pytest.raises(BadEventId):
+        parse_event_id(entries)

@@ -1,13 +1,14 @@
 """The stream core against a model of Redis, driven by random schedules (hypothesis).
 
-A small Redis model holds history and a Pub/Sub connection that delivers, in
-order, subscribe confirmations and the messages published after a SUBSCRIBE
-took effect. Hypothesis interleaves publishes, streams opening and leaving,
-replies arriving, history reads and the connection dropping. After every step
-and once everything has settled, it checks what Centrifugo's stress tests
-check: no stream gets an event twice or out of order, a settled live stream has
-every event of its channels since its start, and Redis holds exactly the
-subscriptions that local streams need.
+A small Redis model holds history and, per partition, a sequence and a Pub/Sub
+connection that delivers, in order, subscribe confirmations and the messages
+published after a SUBSCRIBE took effect. Hypothesis interleaves publishes,
+streams opening and leaving (over one partition or several), replies arriving,
+history reads, and each partition's connection dropping and coming back. After
+every step and once everything has settled, it checks what Centrifugo's stress
+tests check: no stream gets an event twice or out of order (per partition), a
+settled live stream has every event of its channels since its start, and Redis
+holds exactly the subscriptions that local streams need.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from stream.core import (
-    LIVE_PREFIX,
     Action,
     Core,
     Deliver,
@@ -32,68 +32,86 @@ from stream.core import (
     StreamState,
     Subscribe,
     Unsubscribe,
+    live_key,
+    parse_event_id,
+    partition_of,
 )
 
 from tests.support.sse import SSEParser
 
-EPOCH = "0123456789ab"
-CHANNELS = ("a", "b", "c")
+PARTS = 2
+EPOCHS = {p: f"{p:012x}" for p in range(PARTS)}
+# Four channels, two in each partition.
+CHANNELS = tuple(
+    [n for n in (f"c{i}" for i in range(50)) if partition_of(n, PARTS) == 0][:2]
+    + [n for n in (f"c{i}" for i in range(50)) if partition_of(n, PARTS) == 1][:2]
+)
+PART = {c: partition_of(c, PARTS) for c in CHANNELS}
 
 
 class RedisModel:
-    """History plus one Pub/Sub connection, as the worker sees them."""
+    """History plus, per partition, a sequence and a Pub/Sub connection."""
 
     def __init__(self) -> None:
-        self.seq = 0
+        self.seq = dict.fromkeys(range(PARTS), 0)
         self.history: list[HistoryEvent] = []
         self.subscribed: set[bytes] = set()
-        self.inbound: deque[tuple[str, bytes, bytes]] = deque()  # (kind, key, payload)
-        self.up = False
+        self.inbound: dict[int, deque[tuple[str, bytes, bytes]]] = {p: deque() for p in range(PARTS)}
+        self.up = dict.fromkeys(range(PARTS), False)
 
     def publish(self, channel: str) -> None:
-        self.seq += 1
-        self.history.append(HistoryEvent(self.seq, channel, b"message", str(self.seq).encode()))
-        key = LIVE_PREFIX + channel.encode()
-        if self.up and key in self.subscribed:
-            self.inbound.append(("message", key, f"{EPOCH} {self.seq} message {self.seq}".encode()))
+        p = PART[channel]
+        self.seq[p] += 1
+        seq = self.seq[p]
+        data = f"{channel}:{seq}"
+        self.history.append(HistoryEvent(seq, channel, b"message", data.encode()))
+        key = live_key(channel, p)
+        if self.up[p] and key in self.subscribed:
+            self.inbound[p].append(("message", key, f"{EPOCHS[p]} {seq} message {data}".encode()))
 
     def command(self, action: Action) -> None:
-        if not self.up:
+        p = action.partition if isinstance(action, Subscribe | Unsubscribe) else 0
+        if not self.up[p]:
             return
         if isinstance(action, Subscribe):
             for key in action.keys:
                 self.subscribed.add(key)
-                self.inbound.append(("subscribe", key, b""))
+                self.inbound[p].append(("subscribe", key, b""))
         elif isinstance(action, Unsubscribe):
             self.subscribed.difference_update(action.keys)
 
-    def read(self, channels: tuple[str, ...], after: int) -> list[HistoryEvent]:
-        return [e for e in self.history if e.channel in channels and e.seq > after]
+    def read(self, p: int, channels: tuple[str, ...], after: int) -> list[HistoryEvent]:
+        return [e for e in self.history if e.channel in channels and PART[e.channel] == p and e.seq > after]
 
 
 class Client:
     def __init__(self, stream: Stream) -> None:
         self.stream = stream
         self.parser = SSEParser()
-        self.seqs: list[int] = []
-        self.start: int | None = None  # the position its stream started from
+        self.seqs: dict[int, list[int]] = {p: [] for p in range(PARTS)}
+        self.start: dict[int, int] | None = None  # the position its stream started from
 
     def feed(self, data: bytes) -> None:
         for frame in self.parser.feed(data):
             if frame.event is not None and frame.event.event == "message":
-                self.seqs.append(int(frame.event.id.split("-")[1]))
+                channel, seq = frame.event.data.split(":")
+                self.seqs[PART[channel]].append(int(seq))
             elif frame.event is None and self.start is None and "id" in frame.fields:
-                self.start = int(frame.fields["id"].split("-")[1])  # the id-only frame: its start
+                # The id-only frame: where it starts, in each of its partitions.
+                parsed = parse_event_id(frame.fields["id"])
+                if None in parsed:
+                    parsed = {self.stream.parts[0]: parsed[None]}
+                self.start = {p: pos.seq for p, pos in parsed.items() if p is not None}
 
 
 class CoreMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.core = Core(max_streams=100, queue_limit_bytes=1 << 20, retry_ms=1000)
+        self.core = Core(max_streams=100, queue_limit_bytes=1 << 20, retry_ms=1000, partitions=PARTS)
         self.redis = RedisModel()
         self.clients: list[Client] = []
         self.ended: list[Client] = []
-        self.gap: ReadGap | None = None
+        self.gaps: dict[int, ReadGap] = {}
 
     # -- the adapters ---------------------------------------------------------------
 
@@ -102,7 +120,7 @@ class CoreMachine(RuleBasedStateMachine):
             if isinstance(action, Subscribe | Unsubscribe):
                 self.redis.command(action)
             elif isinstance(action, ReadGap):
-                self.gap = action  # read later: streams may come and go meanwhile
+                self.gaps[action.partition] = action  # read later: streams may come and go meanwhile
             elif isinstance(action, Deliver | Reset):
                 for stream in action.streams:
                     self.client(stream).feed(action.frame)
@@ -114,13 +132,23 @@ class CoreMachine(RuleBasedStateMachine):
     def client(self, stream: Stream) -> Client:
         return next(c for c in self.clients if c.stream is stream)
 
+    def catch_up(self, client: Client) -> None:
+        request = client.stream.history
+        replays = None
+        if request is not None:
+            replays = {
+                p: Replay(EPOCHS[p], self.redis.seq[p], self.redis.read(p, request.channels[p], after.seq))
+                for p, after in request.after.items()
+            }
+        client.feed(self.core.caught_up(client.stream, replays))
+
     # -- rules ----------------------------------------------------------------------
 
     @rule(channel=st.sampled_from(CHANNELS))
     def publish(self, channel: str) -> None:
         self.redis.publish(channel)
 
-    @rule(channels=st.sets(st.sampled_from(CHANNELS), min_size=1, max_size=3))
+    @rule(channels=st.sets(st.sampled_from(CHANNELS), min_size=1, max_size=4))
     def open_stream(self, channels: set[str]) -> None:
         stream = Stream(sorted(channels))
         self.clients.append(Client(stream))
@@ -132,10 +160,14 @@ class CoreMachine(RuleBasedStateMachine):
         client = data.draw(st.sampled_from(self.clients))
         self.do(self.core.leave(client.stream))
 
-    @precondition(lambda self: self.redis.inbound)
-    @rule()
-    def reply_arrives(self) -> None:
-        kind, key, payload = self.redis.inbound.popleft()
+    @precondition(lambda self: any(self.redis.inbound.values()))
+    @rule(data=st.data())
+    def reply_arrives(self, data: Any) -> None:
+        p = data.draw(st.sampled_from([p for p, q in self.redis.inbound.items() if q]))
+        self.reply_from(p)
+
+    def reply_from(self, p: int) -> None:
+        kind, key, payload = self.redis.inbound[p].popleft()
         if kind == "subscribe":
             self.do(self.core.confirmed(key))
         else:
@@ -145,71 +177,67 @@ class CoreMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def history_read(self, data: Any) -> None:
         catching_up = [c for c in self.clients if c.stream.state is StreamState.CATCHING_UP]
-        client = data.draw(st.sampled_from(catching_up))
-        request = client.stream.history
-        replay = None
-        if request is not None:
-            replay = Replay(EPOCH, self.redis.seq, self.redis.read(client.stream.channels, request.after.seq))
-        client.feed(self.core.caught_up(client.stream, replay))
+        self.catch_up(data.draw(st.sampled_from(catching_up)))
 
-    @precondition(lambda self: self.gap is not None)
-    @rule()
-    def gap_read(self) -> None:
-        gap, self.gap = self.gap, None
-        assert gap is not None
-        events = self.redis.read(gap.channels, gap.after.seq)
-        self.do(self.core.gap_read(Replay(EPOCH, self.redis.seq, events)))
+    @precondition(lambda self: self.gaps)
+    @rule(data=st.data())
+    def gap_read(self, data: Any) -> None:
+        self.read_gap(data.draw(st.sampled_from(sorted(self.gaps))))
 
-    @precondition(lambda self: not self.redis.up)
-    @rule()
-    def connect(self) -> None:
-        self.redis.up = True
-        self.do(self.core.connection_up(EPOCH, self.redis.seq))
+    def read_gap(self, p: int) -> None:
+        gap = self.gaps.pop(p)
+        events = self.redis.read(p, gap.channels, gap.after.seq)
+        self.do(self.core.gap_read(p, Replay(EPOCHS[p], self.redis.seq[p], events)))
 
-    @precondition(lambda self: self.redis.up)
-    @rule()
-    def connection_drops(self) -> None:
-        self.redis.up = False
-        self.redis.subscribed.clear()
-        self.redis.inbound.clear()
-        self.gap = None
-        self.do(self.core.connection_lost())
+    @rule(p=st.sampled_from(range(PARTS)))
+    def connect(self, p: int) -> None:
+        if self.redis.up[p]:
+            return
+        self.redis.up[p] = True
+        self.do(self.core.connection_up(p, EPOCHS[p], self.redis.seq[p]))
+
+    @rule(p=st.sampled_from(range(PARTS)))
+    def connection_drops(self, p: int) -> None:
+        if not self.redis.up[p]:
+            return
+        self.redis.up[p] = False
+        self.redis.subscribed -= {k for k in self.redis.subscribed if f"{{p{p}}}".encode() in k}
+        self.redis.inbound[p].clear()
+        self.gaps.pop(p, None)
+        self.do(self.core.connection_lost([p]))
 
     # -- invariants -----------------------------------------------------------------
 
     @invariant()
     def once_each_in_order(self) -> None:
         for client in self.clients + self.ended:
-            assert client.seqs == sorted(set(client.seqs)), client.seqs
+            for seqs in client.seqs.values():
+                assert seqs == sorted(set(seqs)), client.seqs
 
     def teardown(self) -> None:
         """Settle (connected, every reply read, every history read), then check
         completeness and that Redis holds exactly the subscriptions needed."""
-        if not self.redis.up:
-            self.connect()
+        for p in range(PARTS):
+            self.connect(p)
         for _ in range(1000):
-            if self.redis.inbound:
-                self.reply_arrives()
+            pending = [p for p, q in self.redis.inbound.items() if q]
+            if pending:
+                self.reply_from(pending[0])
                 continue
-            if self.gap is not None:
-                self.gap_read()
+            if self.gaps:
+                self.read_gap(min(self.gaps))
                 continue
             catching_up = [c for c in self.clients if c.stream.state is StreamState.CATCHING_UP]
             if not catching_up:
                 break
-            client = catching_up[0]
-            request = client.stream.history
-            replay = None
-            if request is not None:
-                events = self.redis.read(client.stream.channels, request.after.seq)
-                replay = Replay(EPOCH, self.redis.seq, events)
-            client.feed(self.core.caught_up(client.stream, replay))
+            self.catch_up(catching_up[0])
         self.once_each_in_order()
         for client in self.clients:
             assert client.stream.state is StreamState.LIVE, client.stream
-            assert client.start is not None
-            expected = [e.seq for e in self.redis.read(client.stream.channels, client.start)]
-            assert client.seqs == expected, (client.stream, client.start, client.seqs, expected)
+            assert client.start is not None and set(client.start) == set(client.stream.parts)
+            for p, start in client.start.items():
+                expected = [e.seq for e in self.redis.read(p, client.stream.channels, start)]
+                assert client.seqs[p] == expected, (client.stream, p, start, client.seqs, expected)
         needed = {k for c in self.clients for k in c.stream.keys}
         assert self.redis.subscribed == needed
 

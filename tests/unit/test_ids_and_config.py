@@ -7,11 +7,13 @@ import re
 import pytest
 from publisher.config import Config as PublisherConfig
 from publisher.config import ConfigError as PublisherConfigError
-from publisher.store import new_epoch
+from publisher.store import key_prefix, new_epoch, partition_of
 from stream.config import Config as StreamConfig
 from stream.config import ConfigError as StreamConfigError
 from stream.core import BadEventId, Position
 from stream.history import new_epoch as stream_new_epoch
+
+from tests.support import keys
 
 # -- event ids -----------------------------------------------------------------
 
@@ -181,6 +183,38 @@ def test_publish_token_is_a_comma_separated_list(value: str, tokens: tuple[str, 
 def test_publisher_bad_values_name_the_variable(name: str, value: str) -> None:
     with pytest.raises(PublisherConfigError, match=name):
         PublisherConfig.from_env({name: value})
+
+
+def test_publisher_partitions_and_redis_mode() -> None:
+    config = PublisherConfig.from_env({"PARTITIONS": "16", "REDIS_MODE": "cluster"})
+    assert (config.partitions, config.redis_mode) == (16, "cluster")
+    assert (PublisherConfig().partitions, PublisherConfig().redis_mode) == (1, "standalone")
+    blank = PublisherConfig.from_env({"PARTITIONS": " ", "REDIS_MODE": " "})
+    assert (blank.partitions, blank.redis_mode) == (1, "standalone")
+    assert PublisherConfig.from_env({"PARTITIONS": "1024"}).partitions == 1024
+    assert PublisherConfig.from_env({"REDIS_MODE": " standalone "}).redis_mode == "standalone"
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "1.5", "abc", "1025", "1e9", "nan"])
+def test_publisher_partitions_out_of_range_are_refused(value: str) -> None:
+    with pytest.raises(PublisherConfigError, match="PARTITIONS"):
+        PublisherConfig.from_env({"PARTITIONS": value})
+
+
+@pytest.mark.parametrize("value", ["sentinel", "clustered", "standalone,cluster", "1"])
+def test_publisher_unknown_redis_mode_is_refused_with_the_choices(value: str) -> None:
+    with pytest.raises(PublisherConfigError, match="REDIS_MODE must be one of standalone, cluster"):
+        PublisherConfig.from_env({"REDIS_MODE": value})
+
+
+@pytest.mark.parametrize("partitions", [1, 2, 8, 16, 1024])
+def test_publisher_partitions_are_crc32_of_the_channel_as_the_contract_says(partitions: int) -> None:
+    names = ["", "a", "news", "chat.room-1", "private-x:y_z", "x" * 128, *(f"c.{i}" for i in range(50))]
+    for name in names:
+        number = partition_of(name, partitions)
+        assert number == keys.partition(name, partitions)
+        assert keys.meta_key(name, partitions) == key_prefix(number) + "meta"
+        assert keys.stream_key(name, partitions) == key_prefix(number) + "stream:" + name
 
 
 # -- stream service configuration -------------------------------------------------
