@@ -313,9 +313,11 @@ class Stream:
         self.keys: tuple[bytes, ...] = ()  # set by the core on open
         self.parts: tuple[int, ...] = ()  # its partitions, ascending
         self.vector = False  # over several partitions: it carries vector ids
-        # Per partition: the last position sent (or, while catching up, to send from).
-        self.epochs: dict[int, str] = {}
-        self.seqs: dict[int, int] = {}
+        # Per partition, in the order of `parts` (lists: a stream's memory is
+        # what bounds a worker): the last position sent (or, while catching up,
+        # to send from). `slot` turns a partition number into an index.
+        self.epochs: tuple[str, ...] = ()  # immutable and interned: shared by like streams
+        self.seqs: list[int] = []
         self.history: HistoryRequest | None = None  # what to read before it goes live
         self.reset: str | None = None  # a reset due before it goes live, and why
         self.queue: deque[Item] = deque()
@@ -323,18 +325,21 @@ class Stream:
         self.closed: str | None = None  # why it ended
         self.writer: Any = None
 
+    def slot(self, number: int) -> int:
+        """The index of partition `number` in `parts`, `epochs` and `seqs`."""
+        return self.parts.index(number) if self.vector else 0
+
     def id(self) -> bytes:
         """The stream's position as its clients see it: the id to resume from."""
         if not self.vector:
-            p = self.parts[0]
-            return f"{self.epochs[p]}-{self.seqs[p]}".encode()
-        return "_".join(f"{p}.{self.epochs[p]}-{self.seqs[p]}" for p in self.parts).encode()
+            return f"{self.epochs[0]}-{self.seqs[0]}".encode()
+        entries = zip(self.parts, self.epochs, self.seqs, strict=True)
+        return "_".join(f"{p}.{epoch}-{seq}" for p, epoch, seq in entries).encode()
 
     @property
     def position(self) -> Position:
         """Its position in its first partition (all of it, for a single-partition stream)."""
-        p = self.parts[0]
-        return Position(self.epochs[p], self.seqs[p])
+        return Position(self.epochs[0], self.seqs[0])
 
     def __repr__(self) -> str:
         at = self.id().decode() if self.epochs else "-"
@@ -447,6 +452,9 @@ class Core:
         self.streams: set[Stream] = set()
         self.stopping = False
         self._expiries: list[tuple[float, int, Stream]] = []  # heap of token expiries
+        # Interned `Stream.parts` and `Stream.epochs`: one tuple shared by like streams.
+        self._shapes: dict[tuple[int, ...], tuple[int, ...]] = {}
+        self._epoch_sets: dict[tuple[str, ...], tuple[str, ...]] = {}
 
     # -- gauges -------------------------------------------------------------
 
@@ -486,14 +494,16 @@ class Core:
             raise Full()
         count = len(self.parts)
         numbers = [partition_of(c, count) for c in stream.channels]
-        stream.keys = tuple(live_key(c, p) for c, p in zip(stream.channels, numbers, strict=True))
-        stream.parts = tuple(sorted(set(numbers)))
-        stream.vector = len(stream.parts) > 1
+        parts = tuple(sorted(set(numbers)))
+        stream.parts = self._shapes.setdefault(parts, parts)  # one tuple shared by like streams
+        stream.vector = len(parts) > 1
         self.streams.add(stream)
         if stream.expires is not None:
             heapq.heappush(self._expiries, (stream.expires, id(stream), stream))
         to_send: dict[int, list[bytes]] = {}
-        for name, key, number in zip(stream.channels, stream.keys, numbers, strict=True):
+        keys = []
+        for name, number in zip(stream.channels, numbers, strict=True):
+            key = live_key(name, number)
             channel = self.channels.get(key)
             if channel is None:
                 part = self.parts[number]
@@ -504,6 +514,8 @@ class Core:
                     if part.recovering:
                         part.unconfirmed += 1
             channel.streams.add(stream)
+            keys.append(channel.key)  # the channel's own bytes, shared by its streams
+        stream.keys = tuple(keys)
         actions: list[Action] = [Subscribe(p, tuple(keys)) for p, keys in to_send.items()]
         if self._all_live(stream):
             actions.append(self._make_ready(stream))
@@ -552,27 +564,30 @@ class Core:
         replays = replays or {}
         reset = stream.reset
         for number, replay in replays.items():
-            if replay.reset or replay.epoch != stream.epochs[number]:
+            if replay.reset or replay.epoch != stream.epochs[stream.slot(number)]:
                 reset = reset or replay.reset or "epoch_changed"
         if reset:
             for number, replay in replays.items():
-                stream.epochs[number], stream.seqs[number] = replay.epoch, replay.seq
+                i = stream.slot(number)
+                self._move(stream, i, replay.epoch, replay.seq)
             out.append(with_id(stream.id(), reset_body(reset)))
         elif stream.resume is None:
             # A fresh stream on a channel that just went live starts where Redis
             # was once it did (read after the SUBSCRIBE took effect): everything
             # later comes live, and nothing from before the stream opened.
             for number, replay in replays.items():
-                stream.seqs[number] = max(stream.seqs[number], replay.seq)
+                i = stream.slot(number)
+                stream.seqs[i] = max(stream.seqs[i], replay.seq)
             # The id-only frame lets the browser resume from here even if the
             # stream drops before any event.
             out.append(sse.position(stream.id()))
         else:
             for number, replay in sorted(replays.items()):
                 epoch = replay.epoch.encode()
+                i = stream.slot(number)
                 for e in replay.events:
-                    if e.seq > stream.seqs[number]:
-                        stream.seqs[number] = e.seq
+                    if e.seq > stream.seqs[i]:
+                        stream.seqs[i] = e.seq
                         body = event_body(e.event, e.data)
                         out.append(with_id(stream.id() if stream.vector else epoch + b"-%d" % e.seq, body))
         for item in stream.queue:
@@ -588,16 +603,27 @@ class Core:
 
     def _admit(self, stream: Stream, item: Item) -> bytes | None:
         """The frame `stream` gets for a queued item, or None if it has it already."""
-        number = item.part
+        i = stream.slot(item.part)
         if isinstance(item, ResetItem):
-            if item.to.epoch == stream.epochs[number]:
+            if item.to.epoch == stream.epochs[i]:
                 return None  # it reset to this epoch while catching up
-            stream.epochs[number], stream.seqs[number] = item.to.epoch, item.to.seq
+            self._move(stream, i, item.to.epoch, item.to.seq)
         else:
-            if item.seq <= stream.seqs[number]:
+            if item.seq <= stream.seqs[i]:
                 return None
-            stream.seqs[number] = item.seq
+            stream.seqs[i] = item.seq
         return with_id(stream.id(), item.body) if stream.vector else item.frame
+
+    def _interned(self, epochs: tuple[str, ...]) -> tuple[str, ...]:
+        return self._epoch_sets.setdefault(epochs, epochs)
+
+    def _move(self, stream: Stream, i: int, epoch: str, seq: int) -> None:
+        """Set the stream's position in the partition at index `i`."""
+        if stream.epochs[i] != epoch:
+            epochs = list(stream.epochs)
+            epochs[i] = epoch
+            stream.epochs = self._interned(tuple(epochs))
+        stream.seqs[i] = seq
 
     def _all_live(self, stream: Stream) -> bool:
         channels = self.channels
@@ -606,10 +632,13 @@ class Core:
     def _make_ready(self, stream: Stream) -> Ready:
         """`stream`'s channels are all live: it starts catching up from here."""
         stream.state = StreamState.CATCHING_UP
+        epochs, seqs = [], []
         for number in stream.parts:
             part = self.parts[number]
             assert part.epoch is not None
-            stream.epochs[number], stream.seqs[number] = part.epoch, part.position
+            epochs.append(part.epoch)
+            seqs.append(part.position)
+        stream.epochs, stream.seqs = self._interned(tuple(epochs)), seqs
         by_part: dict[int, tuple[str, ...]] = {}
         for key in stream.keys:
             channel = self.channels[key]
@@ -623,7 +652,8 @@ class Core:
             else:
                 stream.history = HistoryRequest(by_part, after, check=True)
                 for number, position in after.items():
-                    stream.epochs[number], stream.seqs[number] = position.epoch, position.seq
+                    i = stream.slot(number)
+                    self._move(stream, i, position.epoch, position.seq)
         else:
             # A channel live so recently that no event has been dispatched
             # since: the worker's position may be older than the moment Redis
@@ -634,7 +664,8 @@ class Core:
                 c.part.number for c in (self.channels[k] for k in stream.keys) if c.live_at == c.part.position
             }
             if recent:
-                after = {p: Position(stream.epochs[p], stream.seqs[p]) for p in recent}
+                slots = {p: stream.slot(p) for p in recent}
+                after = {p: Position(stream.epochs[i], stream.seqs[i]) for p, i in slots.items()}
                 stream.history = HistoryRequest({p: by_part[p] for p in recent}, after, check=False)
         return Ready(stream)
 
@@ -809,8 +840,9 @@ class Core:
         for stream in channel.streams:
             state = stream.state
             if state is StreamState.LIVE:
-                if seq > stream.seqs[number]:
-                    stream.seqs[number] = seq
+                i = stream.slot(number)
+                if seq > stream.seqs[i]:
+                    stream.seqs[i] = seq
                     if stream.vector:
                         actions.append(Deliver(with_id(stream.id(), body), [stream]))
                     else:
@@ -844,10 +876,13 @@ class Core:
         behind = []
         actions: list[Action] = []
         for stream in self.streams:
-            if number not in stream.epochs or stream.epochs[number] == to.epoch:
+            if number not in stream.parts or not stream.epochs:
+                continue
+            i = stream.slot(number)
+            if stream.epochs[i] == to.epoch:
                 continue
             if stream.state is StreamState.LIVE:
-                stream.epochs[number], stream.seqs[number] = to.epoch, to.seq
+                self._move(stream, i, to.epoch, to.seq)
                 if stream.vector:
                     actions.append(Reset(reason, with_id(stream.id(), body), [stream]))
                 else:
