@@ -30,7 +30,7 @@ from .store import (
     Stored,
     Topology,
 )
-from .validation import Event, InvalidRequest, event_from_form, events_from_json, parse_json
+from .validation import CHANNEL_RE, Event, InvalidRequest, event_from_form, events_from_json, parse_json
 
 log = logging.getLogger("herald.publisher")
 
@@ -281,6 +281,25 @@ def create_app(config: Config | None = None) -> Flask:
         if published.replayed:
             response.headers["Idempotent-Replayed"] = "true"
         return response
+
+    @app.get("/channels/<channel>")
+    def presence(channel: str) -> Response:
+        """Streams subscribed to `channel` now, over every stream replica."""
+        if not auth.open and not auth.allows(request.headers.get("Authorization")):
+            return error(
+                401,
+                "unauthorized",
+                "a valid bearer token is required to read presence",
+                {"WWW-Authenticate": 'Bearer realm="herald"'},
+            )
+        if not CHANNEL_RE.fullmatch(channel):
+            return error(400, "invalid_channel", "a channel is 1-128 characters of A-Z a-z 0-9 _ . : -")
+        try:
+            count = store.subscribers(channel)
+        except redis.RedisError as exc:
+            log.error("presence read failed: %s", exc)
+            return error(503, "redis_unavailable", "presence cannot be read right now", unavailable)
+        return jsonify(channel=channel, subscribers=count)
 
     @app.get("/healthz")
     def healthz() -> Response:

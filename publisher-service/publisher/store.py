@@ -111,6 +111,23 @@ return {epoch, seqs, ''}
 PARTITIONS_ERROR = "HERALD_PARTITIONS "
 
 
+# KEYS[1] = a channel's presence hash: field per stream worker, value
+# "<streams> <deadline ms>" (Redis's clock). Returns the streams of the
+# workers whose deadline has not passed (a dead worker's count lapses).
+PRESENCE_LUA = """
+local now = redis.call('TIME')
+local ms = now[1] * 1000 + math.floor(now[2] / 1000)
+local total = 0
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 2, #fields, 2 do
+  local count, deadline = string.match(fields[i], '^(%d+) (%d+)$')
+  if count and tonumber(deadline) >= ms then total = total + tonumber(count) end
+end
+return total
+"""
+PRESENCE_SHA = hashlib.sha1(PRESENCE_LUA.encode()).hexdigest()
+
+
 def new_epoch() -> str:
     """A fresh random epoch: 12 lowercase hex digits."""
     return secrets.token_hex(6)
@@ -618,6 +635,23 @@ class EventStore:
             prior = self._route(p, session, _command("HGET", record, "fingerprint"))
             if prior is not None and prior.decode() != idempotency.fingerprint:
                 raise KeyReused(idempotency.key)
+
+    def subscribers(self, channel: str) -> int:
+        """Streams subscribed to `channel` now, over every stream worker (presence)."""
+        partition = partition_of(channel, self._partitions)
+        key = key_prefix(partition) + "presence:" + channel
+
+        def run(conn: Connection, asking: bool) -> Any:
+            try:
+                return _command("EVALSHA", PRESENCE_SHA, 1, key)(conn, asking)
+            except NoScriptError:
+                return _command("EVAL", PRESENCE_LUA, 1, key)(conn, asking)
+
+        session = _Session()
+        try:
+            return int(self._route(partition, session, run))
+        finally:
+            self._release(session)
 
     def ping(self) -> bool:
         """True when every server holding a partition answers."""

@@ -18,6 +18,7 @@ from .config import Config
 from .core import BadEventId, Full, Replay, ResumeId, Stream, StreamState, Unavailable, parse_event_id
 from .history import History
 from .hub import Hub
+from .pages import read_page
 from .topology import Topology
 from .writer import SocketWriter, YieldingWriter
 
@@ -69,6 +70,28 @@ def parse_last_event_id() -> ResumeId | None:
         return parse_event_id(raw)
     except BadEventId as exc:
         raise BadRequest("invalid_last_event_id", str(exc)) from None
+
+
+MAX_HISTORY_LIMIT = 1000
+
+
+def parse_after(raw: str | None) -> ResumeId | None:
+    """`after=`: an id as /stream sends them (plain or vector), or nothing."""
+    if raw is None or not raw.strip():
+        return None
+    try:
+        return parse_event_id(raw)
+    except BadEventId as exc:
+        raise BadRequest("invalid_after", str(exc).replace("last event id", "`after` id")) from None
+
+
+def parse_limit(raw: str | None, most: int) -> int:
+    """`limit=`: how many events, 1 to `most` (default 100)."""
+    if raw is None or not raw.strip():
+        return min(100, most)
+    if not raw.strip().isdigit() or not 1 <= int(raw) <= most:
+        raise BadRequest("invalid_limit", f"limit must be a whole number from 1 to {most}")
+    return int(raw)
 
 
 def cors_headers(origin: str | None, allowed: tuple[str, ...]) -> dict[str, str]:
@@ -245,6 +268,33 @@ def create_app(config: Config | None = None) -> Flask:
             raise
         body = request.environ[BODY_KEY] = StreamBody(hub, stream, replay, config.client_buffer_bytes)
         return Response(body, mimetype="text/event-stream", headers=headers)
+
+    @app.get("/history")
+    def history_page() -> Response:
+        """Recent or missed events as JSON, and the id to open /stream from afterwards."""
+        try:
+            channels = parse_channels(request.args.getlist("channel"), config.max_channels_per_stream)
+            after = parse_after(request.args.get("after"))
+            limit = parse_limit(request.args.get("limit"), MAX_HISTORY_LIMIT)
+        except BadRequest as exc:
+            return error(400, exc.code, exc.message)
+        token = find_token(
+            request.headers.get("Authorization"), request.cookies, request.args, config.token_cookie
+        )
+        try:
+            authorize(channels, token, prefix=config.private_prefix, secret=config.subscribe_secret)
+        except AccessDenied as exc:
+            challenge = {"WWW-Authenticate": 'Bearer realm="herald"'} if exc.status == 401 else {}
+            return error(exc.status, exc.code, exc.message, challenge)
+        try:
+            page = read_page(history, channels, config.partitions, after, limit)
+        except redis.RedisError as exc:
+            log.error("history read failed: %s", exc)
+            return error(503, "unavailable", "history cannot be read right now", unavailable)
+        response = jsonify(page.as_json())
+        response.headers.update(cors_headers(request.headers.get("Origin"), config.cors_origins))
+        response.headers["Cache-Control"] = "no-store"
+        return response
 
     @app.get("/healthz")
     def healthz() -> Response:

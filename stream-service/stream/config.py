@@ -76,6 +76,7 @@ class Config:
     cors_origins: tuple[str, ...] = ()
     partitions: int = 1
     redis_mode: str = "standalone"
+    presence_ttl_seconds: float = 30.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -98,6 +99,7 @@ class Config:
             cors_origins=_list(env, "CORS_ALLOWED_ORIGINS"),
             partitions=_int(env, "PARTITIONS", 1, 1),
             redis_mode=env.get("REDIS_MODE", "").strip().lower() or cls.redis_mode,
+            presence_ttl_seconds=_number(env, "PRESENCE_TTL_SECONDS", 30.0, 3.0),
         )
 
     def __post_init__(self) -> None:

@@ -35,6 +35,17 @@ return out
 """
 
 
+# KEYS as READ_LUA; ARGV[1] = how many. The newest ARGV[1] entries of each channel.
+RECENT_LUA = """
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq')
+local out = {meta[1] or '', meta[2] or '0'}
+for i = 3, #KEYS do
+  out[#out + 1] = redis.call('XREVRANGE', KEYS[i], '+', '-', 'COUNT', ARGV[1])
+end
+return out
+"""
+
+
 # KEYS[1] = meta hash; ARGV[1] = candidate epoch, ARGV[2] = the worker's epoch
 # ('' before its first connection), ARGV[3] = the last seq it dispatched,
 # ARGV[4] = the partition count. Returns {epoch, seq} or {'', stored count}.
@@ -55,6 +66,7 @@ return {meta[1], seq}
 
 
 READ_SHA = hashlib.sha1(READ_LUA.encode()).hexdigest()
+RECENT_SHA = hashlib.sha1(RECENT_LUA.encode()).hexdigest()
 META_SHA = hashlib.sha1(META_LUA.encode()).hexdigest()
 
 
@@ -128,6 +140,16 @@ class History:
                 f"PARTITIONS={self._partitions}: set the same value everywhere"
             )
         return Position(epoch.decode(), int(seq))
+
+    def recent(self, partition: int, channels: Sequence[str], limit: int) -> Replay:
+        """The newest `limit` events on `channels` (all of `partition`), oldest first,
+        with the partition's position when they were read (one atomic read)."""
+        prefix = tag(partition)
+        keys = [f"{prefix}:meta", f"{prefix}:channels"] + [f"{prefix}:stream:{c}" for c in channels]
+        raw = self._run(RECENT_LUA, RECENT_SHA, keys, [limit])
+        per_channel = [_entries(c, list(reversed(e))) for c, e in zip(channels, raw[2:], strict=True)]
+        events = list(heapq.merge(*per_channel, key=lambda e: e.seq))
+        return Replay(raw[0].decode(), int(raw[1]), events[-limit:] if limit else [])
 
     def now(self, partition: int) -> Replay:
         """The partition's current epoch and sequence number (no events)."""

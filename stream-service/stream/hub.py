@@ -51,6 +51,7 @@ from .core import (
     Unsubscribe,
 )
 from .history import History, PartitionsMismatch
+from .presence import Presence
 from .topology import Address, Topology
 from .writer import chunk
 
@@ -76,6 +77,7 @@ class Hub:
             partitions=config.partitions,
         )
         self._topology = topology
+        self.presence = Presence(topology.client, config.presence_ttl_seconds)
         self._links: dict[Address, Link] = {}  # one Pub/Sub link per Redis node
         self._owner: dict[int, Link] = {}  # the link each partition is on
         self._replanner: gevent.Greenlet | None = None
@@ -103,6 +105,7 @@ class Hub:
             waiter.set()
         for link in self._links.values():
             link.close()
+        self.presence.clear()
 
     @property
     def clients(self) -> int:
@@ -254,7 +257,8 @@ class Hub:
     # -- the clock ----------------------------------------------------------
 
     def _clock(self) -> None:
-        """Heartbeats for idle live streams every interval; token expiry on time."""
+        """Heartbeats for idle live streams every interval; token expiry on time;
+        presence (streams per channel) written when it changed, within a second."""
         interval = self._config.heartbeat_seconds
         next_beat = time.monotonic() + interval
         while not self.core.stopping:
@@ -267,6 +271,8 @@ class Hub:
                 self._do(self.core.tick(time.time()))
             else:
                 self._do(self.core.expire(time.time()))
+            if not self.core.stopping:
+                self.presence.sync(self.core)
 
     # -- the Pub/Sub links ------------------------------------------------------
 
