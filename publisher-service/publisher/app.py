@@ -228,14 +228,16 @@ def create_app(config: Config | None = None) -> Flask:
         metrics.publish_done(response.status_code, time.perf_counter() - started)
         return response
 
+    def refused(action: str) -> Response | None:
+        """401 unless the request carries a publish token (or publishing is open)."""
+        if auth.open or auth.allows(request.headers.get("Authorization")):
+            return None
+        message = f"a valid bearer token is required to {action}"
+        return error(401, "unauthorized", message, {"WWW-Authenticate": 'Bearer realm="herald"'})
+
     def handle_publish() -> Response:
-        if not auth.open and not auth.allows(request.headers.get("Authorization")):
-            return error(
-                401,
-                "unauthorized",
-                "a valid bearer token is required to publish",
-                {"WWW-Authenticate": 'Bearer realm="herald"'},
-            )
+        if (denied := refused("publish")) is not None:
+            return denied
         try:
             events, batch, body = parse_events(config)
             once = idempotency(config, body)
@@ -285,13 +287,8 @@ def create_app(config: Config | None = None) -> Flask:
     @app.get("/channels/<channel>")
     def presence(channel: str) -> Response:
         """Streams subscribed to `channel` now, over every stream replica."""
-        if not auth.open and not auth.allows(request.headers.get("Authorization")):
-            return error(
-                401,
-                "unauthorized",
-                "a valid bearer token is required to read presence",
-                {"WWW-Authenticate": 'Bearer realm="herald"'},
-            )
+        if (denied := refused("read presence")) is not None:
+            return denied
         if not CHANNEL_RE.fullmatch(channel):
             return error(400, "invalid_channel", "a channel is 1-128 characters of A-Z a-z 0-9 _ . : -")
         try:
