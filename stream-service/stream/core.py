@@ -171,6 +171,36 @@ def reset_frame(reason: str, position: Position) -> bytes:
     return with_id(str(position).encode(), reset_body(reason))
 
 
+def envelope(channel: str, data: bytes) -> bytes:
+    """The data of an event on a multi-channel stream: the channel, then the data."""
+    return b'{"channel":"' + channel.encode() + b'","data":' + data + b"}"
+
+
+class Payload:
+    """One event's bodies (frames without an id line), each built once, when first needed:
+    as single-channel streams get it, and wrapped with its channel for multi-channel streams."""
+
+    __slots__ = ("_plain", "_wrapped", "channel", "data", "event")
+
+    def __init__(self, channel: str, event: bytes, data: bytes, plain: bytes | None = None) -> None:
+        self.channel, self.event, self.data = channel, event, data
+        self._plain = plain
+        self._wrapped: bytes | None = None
+
+    def plain(self) -> bytes:
+        if self._plain is None:
+            self._plain = event_body(self.event, self.data)
+        return self._plain
+
+    def wrapped(self) -> bytes:
+        if self._wrapped is None:
+            self._wrapped = event_body(self.event, envelope(self.channel, self.data))
+        return self._wrapped
+
+    def body_for(self, stream: Stream) -> bytes:
+        return self.wrapped() if stream.wrap else self.plain()
+
+
 # -- errors -------------------------------------------------------------------
 
 
@@ -258,8 +288,9 @@ class EventItem:
 
     part: int
     seq: int
-    frame: bytes  # with the partition's own id
-    body: bytes  # without an id line
+    id: bytes  # the partition's own id, `<epoch>-<seq>`
+    payload: Payload
+    size: int  # bytes it counts for in the queue
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,6 +301,10 @@ class ResetItem:
     to: Position
     frame: bytes
     body: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.frame)
 
 
 Item = EventItem | ResetItem
@@ -297,6 +332,7 @@ class Stream:
         "seqs",
         "state",
         "vector",
+        "wrap",
         "writer",
     )
 
@@ -313,6 +349,7 @@ class Stream:
         self.keys: tuple[bytes, ...] = ()  # set by the core on open
         self.parts: tuple[int, ...] = ()  # its partitions, ascending
         self.vector = False  # over several partitions: it carries vector ids
+        self.wrap = len(self.channels) > 1  # several channels: each event's data names its channel
         # Per partition, in the order of `parts` (lists: a stream's memory is
         # what bounds a worker): the last position sent (or, while catching up,
         # to send from). `slot` turns a partition number into an index.
@@ -588,7 +625,8 @@ class Core:
                 for e in replay.events:
                     if e.seq > stream.seqs[i]:
                         stream.seqs[i] = e.seq
-                        body = event_body(e.event, e.data)
+                        data = envelope(e.channel, e.data) if stream.wrap else e.data
+                        body = event_body(e.event, data)
                         out.append(with_id(stream.id() if stream.vector else epoch + b"-%d" % e.seq, body))
         for item in stream.queue:
             frame = self._admit(stream, item)
@@ -612,7 +650,9 @@ class Core:
             if item.seq <= stream.seqs[i]:
                 return None
             stream.seqs[i] = item.seq
-        return with_id(stream.id(), item.body) if stream.vector else item.frame
+        if isinstance(item, ResetItem):
+            return with_id(stream.id(), item.body) if stream.vector else item.frame
+        return with_id(stream.id() if stream.vector else item.id, item.payload.body_for(stream))
 
     def _interned(self, epochs: tuple[str, ...]) -> tuple[str, ...]:
         return self._epoch_sets.setdefault(epochs, epochs)
@@ -775,7 +815,8 @@ class Core:
                 if e.seq <= part.position or epoch != part.epoch_b:
                     continue
                 key = live_key(e.channel, number)
-                actions += self._dispatch(part, key, e.seq, b"%d" % e.seq, event_body(e.event, e.data))
+                bodies = Payload(e.channel, e.event, e.data)
+                actions += self._dispatch(part, key, e.seq, b"%d" % e.seq, bodies)
         part.recovering = False
         held, part.held = part.held, []
         for key, payload in held:
@@ -807,7 +848,7 @@ class Core:
         try:
             epoch, seqb, event, data = payload.split(b" ", 3)
             seq = int(seqb)
-            body = event_body(event, data)
+            body = event_body(event, data)  # checks the event name, too
         except ValueError:
             return [Malformed(key)]
         actions: list[Action] = []
@@ -817,7 +858,8 @@ class Core:
             part.set_epoch(epoch.decode(), 0)
         if seq <= part.position:
             return actions  # already dispatched from history during recovery
-        return actions + self._dispatch(part, key, seq, seqb, body)
+        name = channel.name if channel is not None else ""
+        return actions + self._dispatch(part, key, seq, seqb, Payload(name, event, data, body))
 
     def _part_of_key(self, key: bytes) -> Partition | None:
         """The partition named by a live key's hash tag (None if it names none of ours)."""
@@ -827,14 +869,15 @@ class Core:
         except (ValueError, IndexError):
             return None
 
-    def _dispatch(self, part: Partition, key: bytes, seq: int, seqb: bytes, body: bytes) -> list[Action]:
+    def _dispatch(self, part: Partition, key: bytes, seq: int, seqb: bytes, payload: Payload) -> list[Action]:
         part.position = seq
         channel = self.channels.get(key)
         if channel is None:
             return []
         number = part.number
-        frame = with_id(part.epoch_b + b"-" + seqb, body)
-        live = []
+        event_id = part.epoch_b + b"-" + seqb
+        live = []  # single-channel streams: the plain frame
+        wrapped = []  # multi-channel streams in one partition: the wrapped frame
         behind = []
         actions: list[Action] = []
         for stream in channel.streams:
@@ -844,21 +887,25 @@ class Core:
                 if seq > stream.seqs[i]:
                     stream.seqs[i] = seq
                     if stream.vector:
-                        actions.append(Deliver(with_id(stream.id(), body), [stream]))
+                        actions.append(Deliver(with_id(stream.id(), payload.wrapped()), [stream]))
+                    elif stream.wrap:
+                        wrapped.append(stream)
                     else:
                         live.append(stream)
-            elif state is StreamState.CATCHING_UP and not self._enqueue(
-                stream, EventItem(number, seq, frame, body)
-            ):
-                behind.append(stream)
+            elif state is StreamState.CATCHING_UP:
+                size = len(event_id) + len(payload.data) + 32
+                if not self._enqueue(stream, EventItem(number, seq, event_id, payload, size)):
+                    behind.append(stream)
         if live:
-            actions.append(Deliver(frame, live))
+            actions.append(Deliver(with_id(event_id, payload.plain()), live))
+        if wrapped:
+            actions.append(Deliver(with_id(event_id, payload.wrapped()), wrapped))
         return actions + self._cut(behind) if behind else actions
 
     def _enqueue(self, stream: Stream, item: Item) -> bool:
         """Queue `item` for a stream catching up; False if that puts it too far behind."""
         stream.queue.append(item)
-        stream.queued_bytes += len(item.frame)
+        stream.queued_bytes += item.size
         return stream.queued_bytes <= self.queue_limit_bytes
 
     def _cut(self, streams: list[Stream]) -> list[Action]:

@@ -17,10 +17,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import requests
 
-from tests.support.sse import Event, Frame, SSEParser
+from tests.support.sse import Event, Frame, SSEParser, unwrap
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -240,10 +241,17 @@ def bounded_chunks(response: requests.Response, deadline: float) -> Iterator[byt
 
 
 def iter_frames(response: requests.Response, timeout: float = 30) -> Iterator[Frame]:
-    """Frames of an SSE response as they arrive (comments, fields, data, arrival time)."""
+    """Frames of an SSE response as they arrive (comments, fields, data, arrival time).
+
+    A multi-channel stream's events carry their channel around their data
+    (docs/api.md): they are unwrapped, strictly, with `Event.channel` set."""
     parser = SSEParser()
+    channels = parse_qs(urlsplit(response.url).query).get("channel", [])
     for chunk in bounded_chunks(response, time.monotonic() + timeout):
-        yield from parser.feed(chunk)
+        for frame in parser.feed(chunk):
+            if frame.event is not None:
+                frame.event = unwrap(frame.event, channels)
+            yield frame
 
 
 def sse_events(response: requests.Response, timeout: float = 30) -> Iterator[Event]:

@@ -157,3 +157,31 @@ def test_connection_limit_holds_for_streams_opened_together(
         for client in clients:
             client.close()
     assert eventually(lambda: stats(service)["clients"] == 0, timeout=5)
+
+
+def test_a_multi_channel_stream_names_each_events_channel_and_a_single_one_does_not(
+    stream: Service, publish: Callable[..., str], channel: str
+) -> None:
+    a, b = channel + ".a", channel + ".b"
+    both = open_stream(stream.url, [a, b])
+    only_a = open_stream(stream.url, [a])
+    try:
+        first = publish(a, {"n": 1}, event="created")
+        second = publish(b, [1, "two"])
+        both.wait_events(2)
+        only_a.wait_events(1)
+        # On the wire, as a plain EventSource sees it: the same event names, the
+        # data wrapped with its channel on a multi-channel stream only.
+        assert (
+            f'id: {first}\nevent: created\ndata: {{"channel":"{a}","data":{{"n":1}}}}\n\n'.encode()
+            in both.raw
+        )
+        assert (
+            f'id: {second}\nevent: message\ndata: {{"channel":"{b}","data":[1,"two"]}}\n\n'.encode()
+            in both.raw
+        )
+        assert f'id: {first}\nevent: created\ndata: {{"n":1}}\n\n'.encode() in only_a.raw
+        assert [(e.channel, e.json()) for e in both.events] == [(a, {"n": 1}), (b, [1, "two"])]
+    finally:
+        both.close()
+        only_a.close()

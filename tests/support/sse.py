@@ -33,6 +33,7 @@ class Event:
     id: str
     event: str
     data: str
+    channel: str | None = None  # set by `unwrap` for events of a multi-channel stream
 
     @property
     def seq(self) -> int:
@@ -41,6 +42,22 @@ class Event:
 
     def json(self) -> Any:
         return json.loads(self.data)
+
+
+CONTROL_EVENTS = ("reset", "token_expired")  # Herald's own events: never wrapped
+
+
+def unwrap(event: Event, channels: list[str]) -> Event:
+    """An event of a multi-channel stream, whose data is `{"channel":"<c>","data":<data>}`
+    (docs/api.md): the same event with the inner data, and its channel. Checked
+    strictly: the wrapper must be exactly that, and name one of the stream's channels."""
+    if len(set(channels)) < 2 or event.event in CONTROL_EVENTS:
+        return event
+    head = '{"channel":"'
+    assert event.data.startswith(head) and event.data.endswith("}"), event.data
+    channel, sep, rest = event.data[len(head) :].partition('","data":')
+    assert sep and channel in channels, (event.data, channels)
+    return Event(event.id, event.event, rest[:-1], channel)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlencode, urlsplit
 
-from tests.support.sse import Event, SSEParser
+from tests.support.sse import Event, SSEParser, unwrap
 
 
 def stream_url(base: str, channels: list[str], last_event_id: str | None = None) -> str:
@@ -41,6 +41,7 @@ class SSEClient:
     ended: str | None = None  # "eof", "error: ...", "closed"
     body: bytes = b""
     raw: bytearray = field(default_factory=bytearray)
+    channels: list[str] = field(default_factory=list)  # to unwrap a multi-channel stream's events
 
     def __post_init__(self) -> None:
         self._cond = threading.Condition()
@@ -90,7 +91,7 @@ class SSEClient:
                 for frame in frames:
                     self.comments.extend(frame.comments)
                     if frame.event is not None:
-                        self.events.append(frame.event)
+                        self.events.append(unwrap(frame.event, self.channels))
                 self.last_id = parser.last_event_id
                 self.retry = parser.retry
                 self._cond.notify_all()
@@ -142,7 +143,8 @@ def open_stream(
 ) -> SSEClient:
     """Open a stream and wait until it is live (its first frames have arrived)."""
     headers = {"Last-Event-ID": header_id} if header_id else {}
-    client = SSEClient(stream_url(base, channels, last_event_id), headers).start(timeout)
+    url = stream_url(base, channels, last_event_id)
+    client = SSEClient(url, headers, channels=list(channels)).start(timeout)
     if client.status == 200:
         # The service sends a comment and retry first, then the position or replay.
         client.wait_for(lambda: client.retry is not None or client.ended is not None, timeout)

@@ -10,6 +10,7 @@ assertions are about what a client would see.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from stream.core import (
@@ -73,7 +74,20 @@ class Client:
 
     @property
     def data(self) -> list[str]:
-        return [e.data for e in self.events if e.event == "message"]
+        """The message events' data, unwrapped (a multi-channel stream's data names its channel)."""
+        return [unwrap(self.stream, e.data)[1] for e in self.events if e.event == "message"]
+
+
+ENVELOPE = re.compile(r'\{"channel":"([^"]+)","data":(.*)\}', re.S)
+
+
+def unwrap(stream: Stream, data: str) -> tuple[str | None, str]:
+    """(channel, data) of an event: wrapped on a multi-channel stream, as is on one channel."""
+    if not stream.wrap:
+        return None, data
+    match = ENVELOPE.fullmatch(data)
+    assert match, data
+    return match[1], match[2]
 
 
 def state(client: Client) -> StreamState:
@@ -561,7 +575,8 @@ def test_a_stream_over_two_partitions_carries_a_vector_id_and_a_single_one_a_pla
     world.send(a, 4, "a4")
     world.send(b, 8, "b8")
     world.send(a, 5, "a5")
-    assert [e.data for e in both.events] == ["a4", "b8", "a5"]
+    # A multi-channel stream's events name their channel; a single channel's stay as published.
+    assert [unwrap(both.stream, e.data) for e in both.events] == [(a, "a4"), (b, "b8"), (a, "a5")]
     assert [e.data for e in only_a.events] == ["a4", "a5"]
     assert only_a.parser.last_event_id == f"{world.epochs[partition_of(a, PARTS)]}-5"
     positions = {partition_of(a, PARTS): 5, partition_of(b, PARTS): 8}
@@ -585,8 +600,9 @@ def test_a_vector_id_resumes_each_partition_exactly() -> None:
     }
     world.send(a, 11, "a11")  # live while it catches up: queued, after the replay
     world.read(client, history, {qa: 10, qb: 20})
-    assert sorted(e.data for e in client.events) == ["a10", "a11", "a9", "b20"]
-    order_a = [e.data for e in client.events if e.data.startswith("a")]
+    assert sorted(client.data) == ["a10", "a11", "a9", "b20"]
+    assert {unwrap(client.stream, e.data)[0] for e in client.events} == {a, b}
+    order_a = [d for d in client.data if d.startswith("a")]
     assert order_a == ["a9", "a10", "a11"]
 
 

@@ -13,6 +13,7 @@ holds exactly the subscriptions that local streams need.
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from typing import Any
 
@@ -94,7 +95,12 @@ class Client:
     def feed(self, data: bytes) -> None:
         for frame in self.parser.feed(data):
             if frame.event is not None and frame.event.event == "message":
-                channel, seq = frame.event.data.split(":")
+                text = frame.event.data
+                if self.stream.wrap:  # {"channel":"<c>","data":<c>:<seq>}
+                    wrapped = json.loads(text.replace('"data":', '"data":"')[:-1] + '"}')
+                    assert wrapped["data"].startswith(wrapped["channel"] + ":"), text
+                    text = wrapped["data"]
+                channel, seq = text.split(":")
                 self.seqs[PART[channel]].append(int(seq))
             elif frame.event is None and self.start is None and "id" in frame.fields:
                 # The id-only frame: where it starts, in each of its partitions.
