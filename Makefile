@@ -14,7 +14,7 @@ test: lint
 
 deps: $(VENV)/.deps
 
-$(VENV)/.deps: requirements-dev.txt publisher-service/requirements.txt stream-service/requirements.txt
+$(VENV)/.deps: requirements-dev.txt publisher-service/requirements.txt stream-service/requirements.txt clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $@

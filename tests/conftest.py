@@ -89,9 +89,15 @@ def start(redis_url: str, logs_dir: Path) -> Iterator[Callable[..., Service]]:
     started: list[Service] = []
 
     def _start(
-        kind: str, *, redis_url_override: str | None = None, ready: bool = True, **env: str
+        kind: str,
+        *,
+        redis_url_override: str | None = None,
+        ready: bool = True,
+        port: int | None = None,
+        **env: str,
     ) -> Service:
-        service = start_service(kind, redis_url_override or redis_url, logs_dir, ready=ready, **env)
+        url = redis_url_override or redis_url
+        service = start_service(kind, url, logs_dir, ready=ready, port=port, **env)
         started.append(service)
         return service
 

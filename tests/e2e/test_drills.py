@@ -350,8 +350,9 @@ def resources(stack: Stack, streams: list[str], channels: list[str]) -> dict[str
         "fds": [p["fds"] for p in per_replica],
         "churn_channel_subscribers": sum(int(n) for n in numsub[1::2]),
         "redis_clients": len(fields),
-        "redis_pubsub_clients": sum(1 for f in fields if int(f.get("sub", "0")) > 0),
-        "redis_subscriptions": sum(int(f.get("sub", "0")) for f in fields),
+        # Sharded Pub/Sub (SSUBSCRIBE): CLIENT LIST's `ssub`.
+        "redis_pubsub_clients": sum(1 for f in fields if int(f.get("ssub", "0")) > 0),
+        "redis_subscriptions": sum(int(f.get("ssub", "0")) for f in fields),
     }
 
 

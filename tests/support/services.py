@@ -75,14 +75,16 @@ def wait_ready(url: str, timeout: float = 20, process: subprocess.Popen[bytes] |
     raise TimeoutError(f"{url} not ready after {timeout} s: {last}")
 
 
-def start_service(kind: str, redis_url: str, tmp_dir: Path, *, ready: bool = True, **env: str) -> Service:
+def start_service(
+    kind: str, redis_url: str, tmp_dir: Path, *, ready: bool = True, port: int | None = None, **env: str
+) -> Service:
     """Start one service with gunicorn and its own gunicorn.conf.py; wait until ready.
 
     With `ready=False` it only waits for /healthz (the process answers), not /readyz
     (Redis reachable): for tests of a service whose Redis is down.
     """
-    port = free_port()
-    log_path = tmp_dir / f"{kind}-{port}.log"
+    port = port or free_port()
+    log_path = tmp_dir / f"{kind}-{port}-{time.monotonic_ns()}.log"
     full_env = {
         **os.environ,
         "REDIS_URL": redis_url,
