@@ -70,7 +70,7 @@ def test_subscribe_resumes_exactly_across_a_restart_of_the_stream_service(
     sse = start("stream", RETRY_MS="100")
     port = sse.port
     with Publisher(publisher.url) as pub:
-        events = subscribe(sse.url, [channel], max_delay=0.5)
+        events = subscribe(sse.url, [channel], last_event_id=pub.publish(channel, "before"), max_delay=0.5)
         ids = [pub.publish(channel, n) for n in range(3)]
         first = take(events, 3)
         sse.stop()  # the stream ends; the client keeps trying to reconnect
@@ -87,7 +87,7 @@ def own_redis() -> Iterator[Any]:
     require_docker("the client's retry test")
     from testcontainers.community.redis import RedisContainer
 
-    with RedisContainer(REDIS_IMAGE).with_command("redis-server --appendonly yes") as container:
+    with RedisContainer(REDIS_IMAGE).with_command("redis-server --appendonly yes --protected-mode no") as container:
         yield container
 
 
