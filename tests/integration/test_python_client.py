@@ -87,7 +87,9 @@ def own_redis() -> Iterator[Any]:
     require_docker("the client's retry test")
     from testcontainers.community.redis import RedisContainer
 
-    with RedisContainer(REDIS_IMAGE).with_command("redis-server --appendonly yes --protected-mode no") as container:
+    with RedisContainer(REDIS_IMAGE).with_command(
+        "redis-server --appendonly yes --protected-mode no"
+    ) as container:
         yield container
 
 

@@ -1,0 +1,114 @@
+"""/herald.js, Herald's browser client, in headless Chromium against the Compose
+stack: every event exactly once and in order, across a restart of every stream
+replica and across a page reload in the middle of a burst."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.e2e.support import Stack, wait_until
+from tests.e2e.test_browser import _binaries
+
+pytestmark = [pytest.mark.e2e, pytest.mark.browser]
+
+# Loads /herald.js into the page and subscribes. What onEvent gets is kept in
+# sessionStorage too, so that it survives a reload (as herald.js's own resume
+# point does): the test reads the whole record at the end.
+SUBSCRIBE = """
+const [channels, done] = [arguments[0], arguments[arguments.length - 1]];
+import('/herald.js').then(({ subscribe }) => {
+  const record = JSON.parse(sessionStorage.getItem('test:got') || '[]');
+  const keep = (row) => { record.push(row); sessionStorage.setItem('test:got', JSON.stringify(record)); };
+  window.__states = [];
+  window.__sub = subscribe({
+    channels,
+    onEvent(e) { keep([e.id, e.channel, e.event, e.data]); },
+    onReset(r) { keep([r.id, null, 'reset', r.reason]); },
+    onState(state) { window.__states.push(state); if (state === 'open') done(true); },
+  });
+}).catch((e) => done(String(e)));
+"""
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    chromium, driver_path = _binaries()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver.set_script_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def fresh_page(stack: Stack, browser: Any) -> None:
+    browser.get(stack.url("/"))
+    browser.execute_script("sessionStorage.clear();")
+
+
+def record(browser: Any) -> list[list[Any]]:
+    return list(browser.execute_script("return JSON.parse(sessionStorage.getItem('test:got') || '[]');"))
+
+
+def subscribe(browser: Any, channels: list[str]) -> None:
+    assert browser.execute_async_script(SUBSCRIBE, channels) is True
+
+
+def test_herald_js_is_served_as_a_javascript_module(stack: Stack) -> None:
+    answer = stack.session.get(stack.url("/herald.js"), timeout=10)
+    assert answer.status_code == 200
+    assert "javascript" in answer.headers["Content-Type"]
+    assert "export function subscribe" in answer.text
+
+
+def test_every_event_once_in_order_across_a_restart_of_every_replica(
+    stack: Stack, browser: Any, channel: str
+) -> None:
+    fresh_page(stack, browser)
+    a, b = channel + ".a", channel + ".b"
+    subscribe(browser, [a, b])
+    sent = [(stack.publish(c, {"n": n}), c) for n in range(10) for c in (a, b)]
+    stack.compose("restart", "stream-service", timeout=120)
+    sent += [(stack.publish(c, {"n": n}), c) for n in range(10, 20) for c in (a, b)]
+    wait_until(lambda: len(record(browser)) >= len(sent), 60, "every event in the page", 0.2)
+    got = record(browser)
+    assert [(r[1], r[3]["n"]) for r in got] == [(c, n) for n in range(20) for c in (a, b)]
+    assert len({r[0] for r in got}) == len(got)  # never the same id twice
+    browser.execute_script("window.__sub.close();")
+
+
+def test_every_event_once_across_a_reload_in_the_middle_of_a_burst(
+    stack: Stack, browser: Any, channel: str
+) -> None:
+    fresh_page(stack, browser)
+    subscribe(browser, [channel])
+    sent: list[str] = []
+
+    def burst() -> None:
+        for n in range(60):
+            sent.append(stack.publish(channel, {"n": n}))
+            time.sleep(0.02)
+
+    publisher = threading.Thread(target=burst)
+    publisher.start()
+    wait_until(lambda: len(record(browser)) >= 15, 30, "part of the burst")
+    browser.refresh()  # sessionStorage survives: herald.js resumes from its last id
+    subscribe(browser, [channel])
+    publisher.join(60)
+    wait_until(lambda: len(record(browser)) >= 60, 60, "the whole burst", 0.2)
+    got = record(browser)
+    assert [r[0] for r in got] == sent
+    assert [r[3]["n"] for r in got] == list(range(60))
+    browser.execute_script("window.__sub.close();")
