@@ -81,6 +81,8 @@ def _require_docker_and_compose() -> None:
 E2E_SETTINGS = {
     "HERALD_BIND": "127.0.0.1",
     "PUBLISH_TOKEN": "e2e-token-" + secrets.token_hex(4),
+    # Private channels on (subscribe tokens signed with it).
+    "SUBSCRIBE_SECRET": "e2e-secret-" + secrets.token_hex(16),
     "HEARTBEAT_SECONDS": "2",
     "RETRY_MS": "500",
     "WATCHDOG_SECONDS": "3",

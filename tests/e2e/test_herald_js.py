@@ -112,3 +112,63 @@ def test_every_event_once_across_a_reload_in_the_middle_of_a_burst(
     assert [r[0] for r in got] == sent
     assert [r[3]["n"] for r in got] == list(range(60))
     browser.execute_script("window.__sub.close();")
+
+
+def test_a_stale_position_is_a_reset_then_every_new_event(stack: Stack, browser: Any, channel: str) -> None:
+    fresh_page(stack, browser)
+    # A position from another epoch, as after Redis lost its data: the resume point herald.js keeps.
+    browser.execute_script(
+        "sessionStorage.setItem(arguments[0], 'ffffffffffff-7');", f"herald:last:/stream:{channel}"
+    )
+    subscribe(browser, [channel])
+    wait_until(lambda: len(record(browser)) >= 1, 15, "the reset")
+    (reset,) = record(browser)
+    assert reset[2] == "reset" and reset[3] == "epoch_changed"
+    ids = [stack.publish(channel, {"n": n}) for n in range(5)]
+    wait_until(lambda: len(record(browser)) >= 6, 15, "the events after the reset")
+    assert [r[0] for r in record(browser)[1:]] == ids
+    browser.execute_script("window.__sub.close();")
+
+
+TOKENS = """
+const [channels, tokens, done] = [arguments[0], arguments[1], arguments[arguments.length - 1]];
+import('/herald.js').then(({ subscribe }) => {
+  const record = [];
+  window.__got = record;
+  window.__tokens = 0;
+  window.__sub = subscribe({
+    channels,
+    token: async () => tokens[Math.min(window.__tokens++, tokens.length - 1)],
+    onEvent(e) { record.push([e.id, e.channel, e.event, e.data]); },
+    onState(state) { if (state === 'open' && window.__tokens === 1) done(true); },
+  });
+}).catch((e) => done(String(e)));
+"""
+
+
+def test_an_expiring_token_is_refreshed_without_losing_an_event(
+    stack: Stack, browser: Any, channel: str
+) -> None:
+    import jwt
+
+    private = "private-" + channel
+    now = time.time()
+    # Each token lives 4 s more than the one before: herald.js asks for the next
+    # one when half the current one's life is gone, and resumes from its last id.
+    secret = stack.settings["SUBSCRIBE_SECRET"]
+    tokens = [
+        jwt.encode({"channels": [private], "exp": int(now + 6 + 4 * i)}, secret, algorithm="HS256")
+        for i in range(10)
+    ]
+    fresh_page(stack, browser)
+    assert browser.execute_async_script(TOKENS, [private], tokens) is True
+    sent: list[str] = []
+    deadline = time.monotonic() + 12
+    while time.monotonic() < deadline:
+        sent.append(stack.publish(private, {"n": len(sent)}))
+        time.sleep(0.1)
+    wait_until(lambda: len(browser.execute_script("return window.__got;")) >= len(sent), 30, "every event")
+    got = browser.execute_script("return window.__got;")
+    assert [r[0] for r in got] == sent
+    assert browser.execute_script("return window.__tokens;") >= 3  # refreshed, more than once
+    browser.execute_script("window.__sub.close();")
