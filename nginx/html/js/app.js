@@ -1,27 +1,15 @@
-// Herald demo page: an EventSource on /stream that survives the browser giving
-// up, and a publish form for /publish. Plain JS, no dependencies.
-//
-// Why the page recreates the EventSource itself: on a network error or a clean
-// end of stream the browser reconnects on its own (sending Last-Event-ID), but
-// a non-200 answer (nginx's 502 while a replica restarts, a 503 from a full
-// replica) or a wrong Content-Type makes it give up for good (readyState
-// CLOSED). Then this page opens a new EventSource after a backoff, resuming
-// with ?lastEventId= from the last id it saw. An id-only frame (the stream's
-// starting position) fires no event, so the page can only know ids of events
-// it was dispatched (its listened types, and `reset`, whose id is the new
-// position).
-'use strict';
+// Herald demo page: a subscription through /herald.js (Herald's browser
+// client: it resumes from the last id after errors, refused answers and
+// reloads, and never shows an event twice), and a publish form for /publish.
+import { subscribe } from '/herald.js';
 
-(() => {
+{
   const MAX_ITEMS = 500;
-  const BACKOFF_MIN_MS = 1000;
-  const BACKOFF_MAX_MS = 30000;
-  const ALWAYS_LISTENED = ['reset'];
   const NAME_RE = /^[A-Za-z0-9_.:-]{1,128}$/;
 
   const $ = (id) => document.getElementById(id);
   const el = {
-    subForm: $('sub-form'), channel: $('channel'), types: $('types'), subToken: $('sub-token'),
+    subForm: $('sub-form'), channel: $('channel'), subToken: $('sub-token'),
     connect: $('connect'), disconnect: $('disconnect'), clear: $('clear'),
     state: $('state'), lastId: $('last-id'), connCount: $('conn-count'), connInfo: $('conn-info'),
     events: $('events'),
@@ -29,15 +17,9 @@
     pubData: $('pub-data'), pubToken: $('pub-token'), publish: $('publish'), pubResult: $('pub-result'),
   };
 
-  let source = null;        // the current EventSource
-  let channels = [];        // channels of the current subscription
-  let lastId = null;        // last event id seen: the resume point
-  let listened = new Set(); // event types with a listener on `source`
-  let retryTimer = null;
-  let attempt = 0;          // failed attempts since the last open stream
+  let sub = null;           // the current subscription (herald.js)
   let opened = 0;           // streams opened so far
-  let recreated = 0;        // EventSources recreated after the browser gave up
-  let wanted = false;       // the user asked to be connected
+  let recreated = 0;        // reconnections after a lost or refused stream
   let everOpen = false;     // whether this subscription was open once
 
   const parseList = (text) => text.split(/[\s,]+/).map((s) => s.trim()).filter(Boolean);
@@ -52,107 +34,58 @@
   }
 
   function setLastId(id) {
-    lastId = id;
     el.lastId.textContent = id || 'none';
   }
 
-  function wantedTypes() {
-    return new Set([...parseList(el.types.value), ...ALWAYS_LISTENED]);
-  }
-
-  function streamUrl() {
-    const params = new URLSearchParams();
-    for (const c of channels) params.append('channel', c);
-    if (lastId) params.set('lastEventId', lastId);
-    // EventSource cannot send headers: a subscribe token goes in the query.
-    const token = el.subToken.value.trim();
-    if (token) params.set('token', token);
-    return `/stream?${params}`;
-  }
-
-  function closeSource() {
-    if (source) {
-      for (const t of listened) source.removeEventListener(t, onEvent);
-      source.onopen = null;
-      source.onerror = null;
-      source.close();
-      source = null;
-    }
-    listened = new Set();
-  }
-
-  function syncListeners() {
-    if (!source) return;
-    const want = wantedTypes();
-    for (const t of listened) if (!want.has(t)) source.removeEventListener(t, onEvent);
-    for (const t of want) if (!listened.has(t)) source.addEventListener(t, onEvent);
-    listened = want;
-  }
-
-  function open() {
-    clearTimeout(retryTimer);
-    retryTimer = null;
-    closeSource();
-    const es = new EventSource(streamUrl());
-    source = es;
-    syncListeners();
-    es.onopen = () => {
-      if (es !== source) return;
-      attempt = 0;
+  function onState(state, detail) {
+    if (state === 'open') {
       everOpen = true;
       opened += 1;
       el.connCount.textContent = String(opened);
-      setState('open', `channels: ${channels.join(', ')}`);
-    };
-    es.onerror = () => {
-      if (es !== source) return;
-      if (es.readyState === EventSource.CONNECTING) {
-        // Network error or end of stream: the browser retries by itself,
-        // with Last-Event-ID, after the server's `retry:` delay.
-        setState('reconnecting', 'connection lost; the browser is reconnecting');
-      } else {
-        // CLOSED: the browser gave up (non-200 answer or wrong content type).
-        recreateLater();
-      }
-    };
-  }
-
-  function recreateLater() {
-    closeSource();
-    if (!wanted) return;
-    attempt += 1;
-    recreated += 1;
-    el.state.dataset.recreated = String(recreated);
-    const base = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** (attempt - 1));
-    const delay = Math.round(base * (0.75 + Math.random() * 0.5)); // jitter: no herd
-    setState(everOpen ? 'reconnecting' : 'connecting',
-      `stream refused; new connection in ${(delay / 1000).toFixed(1)} s (attempt ${attempt})`);
-    retryTimer = setTimeout(open, delay);
+      setState('open', `channels: ${parseList(el.channel.value).join(', ')}`);
+    } else if (state === 'waiting') {
+      recreated += 1;
+      el.state.dataset.recreated = String(recreated);
+      const why = detail.status ? `answered ${detail.status}` : 'connection lost';
+      setState(everOpen ? 'reconnecting' : 'connecting',
+        `${why}; new connection in ${(detail.delay / 1000).toFixed(1)} s (attempt ${detail.attempt})`);
+    } else if (state === 'failed') {
+      setState('closed', `refused (${detail.status}): ${detail.body}`);
+    }
   }
 
   function connect() {
-    const wantedChannels = parseList(el.channel.value);
-    const bad = wantedChannels.filter((c) => !NAME_RE.test(c));
-    if (!wantedChannels.length || bad.length) {
+    const channels = parseList(el.channel.value);
+    const bad = channels.filter((c) => !NAME_RE.test(c));
+    if (!channels.length || bad.length) {
       setState('closed', bad.length ? `invalid channel name: ${bad.join(', ')}` : 'enter a channel');
       return;
     }
-    // Same channels again: resume where we were; other channels: start fresh.
-    if (wantedChannels.join('\n') !== channels.join('\n')) setLastId(null);
-    channels = wantedChannels;
-    wanted = true;
+    if (sub) sub.close();
     everOpen = false;
-    attempt = 0;
+    const token = el.subToken.value.trim();
     setState('connecting', `channels: ${channels.join(', ')}`);
-    open();
+    // Same channels again: herald.js resumes where they were (sessionStorage).
+    sub = subscribe({
+      channels,
+      token: token ? async () => token : undefined,
+      onEvent(e) {
+        setLastId(e.id);
+        addItem(e.id, e.channel, e.event, JSON.stringify(e.data));
+      },
+      onReset(r) {
+        setLastId(r.id);
+        addItem(r.id, '', 'reset', JSON.stringify({ reason: r.reason }));
+        el.connInfo.textContent = `reset (${r.reason}): history could not cover the gap; continuing from ${r.id}`;
+      },
+      onState,
+    });
   }
 
   function disconnect() {
-    wanted = false;
-    clearTimeout(retryTimer);
-    retryTimer = null;
-    closeSource();
-    setState('closed', lastId ? 'disconnected; Connect resumes from the last id' : 'disconnected');
+    if (sub) sub.close();
+    sub = null;
+    setState('closed', 'disconnected; Connect resumes from the last id');
   }
 
   function formatData(text) {
@@ -163,28 +96,19 @@
     }
   }
 
-  function onEvent(e) {
-    if (e.target !== source) return;
-    if (e.lastEventId) setLastId(e.lastEventId);
-    addItem(e.lastEventId, e.type, e.data);
-    if (e.type === 'reset') {
-      let reason = 'unknown';
-      try { reason = JSON.parse(e.data).reason; } catch { /* keep unknown */ }
-      el.connInfo.textContent = `reset (${reason}): history could not cover the gap; continuing from ${e.lastEventId}`;
-    }
-  }
-
-  function addItem(id, type, data) {
+  function addItem(id, channel, type, data) {
     const list = el.events;
     const stick = list.scrollTop + list.clientHeight >= list.scrollHeight - 4;
     const li = document.createElement('li');
     li.className = `row${type === 'reset' ? ' reset' : ''}`;
     li.dataset.id = id;
+    li.dataset.channel = channel;
     li.dataset.event = type;
     li.dataset.data = data;
     const cells = [
       ['time', new Date().toLocaleTimeString()],
       ['id', id || '—'],
+      ['channel', channel],
       ['event', type],
       ['data', formatData(data)],
     ];
@@ -215,12 +139,6 @@
     const headers = { 'Content-Type': 'application/json', Accept: 'application/json' };
     const token = el.pubToken.value.trim();
     if (token) headers.Authorization = `Bearer ${token}`;
-
-    // Make sure the event shows up here if we are subscribed to its channel.
-    if (!wantedTypes().has(event)) {
-      el.types.value = [...parseList(el.types.value), event].join(', ');
-      syncListeners();
-    }
 
     el.publish.disabled = true;
     const result = el.pubResult;
@@ -255,16 +173,14 @@
   el.subForm.addEventListener('submit', (e) => { e.preventDefault(); connect(); });
   el.disconnect.addEventListener('click', disconnect);
   el.clear.addEventListener('click', () => { el.events.replaceChildren(); });
-  el.types.addEventListener('change', syncListeners);
   el.pubForm.addEventListener('submit', (e) => { e.preventDefault(); publish(); });
-  window.addEventListener('pagehide', () => { if (source) source.close(); });
+  window.addEventListener('pagehide', () => { if (sub) sub.close(); });
 
   // /?channel=a&channel=b connects at once (handy for links and tests).
   const query = new URLSearchParams(window.location.search);
   if (query.has('channel')) {
     el.channel.value = query.getAll('channel').join(', ');
     el.pubChannel.value = query.getAll('channel')[0];
-    if (query.has('types')) el.types.value = query.get('types');
     connect();
   }
-})();
+}
