@@ -15,6 +15,8 @@ from typing import Any
 
 CHANNEL_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 EVENT_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+# Event names the stream service sends itself: clients treat them as Herald's.
+RESERVED_EVENTS = frozenset({"reset", "token_expired"})
 DEFAULT_EVENT = "message"
 EVENT_FIELDS = frozenset({"channel", "event", "data"})
 
@@ -119,6 +121,8 @@ def event_from_fields(fields: Mapping[str, Any], max_bytes: int, *, raw_data: bo
         raise _bad("data is required")
     channel = _name(fields["channel"], "channel", CHANNEL_RE, 128)
     event = _name(fields.get("event", DEFAULT_EVENT), "event", EVENT_RE, 64)
+    if event in RESERVED_EVENTS:
+        raise _bad(f"event {event!r} is reserved: Herald sends it itself (docs/api.md)")
     data = fields["data"]
     if raw_data and not isinstance(data, str):
         raise _bad("data must be a string")

@@ -45,6 +45,7 @@ def browser() -> Iterator[Any]:
     options.binary_location = chromium
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
         options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # console.log too
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     driver.set_script_timeout(30)
     try:
@@ -172,3 +173,35 @@ def test_an_expiring_token_is_refreshed_without_losing_an_event(
     assert [r[0] for r in got] == sent
     assert browser.execute_script("return window.__tokens;") >= 3  # refreshed, more than once
     browser.execute_script("window.__sub.close();")
+
+
+def test_the_readmes_browser_snippet_runs_as_written(stack: Stack, browser: Any, channel: str) -> None:
+    from tests.e2e.support import ROOT
+
+    readme = (ROOT / "README.md").read_text().split("### From a browser", 1)[1]
+    snippet = readme.split("```js\n", 1)[1].split("```", 1)[0]
+    importing = 'import { subscribe } from "/herald.js";\n'
+    assert snippet.startswith(importing)
+    # The one change: a static import cannot run inside WebDriver's script, a dynamic one can.
+    ours = f'["{channel}.orders", "{channel}.audit"]'
+    body = snippet[len(importing) :].replace('["orders", "audit"]', ours)
+    fresh_page(stack, browser)
+    browser.get_log("browser")  # drop what came before
+    script = (
+        "const done = arguments[arguments.length - 1];"
+        'import("/herald.js").then(({ subscribe }) => {' + body + "window.__readme = sub; done(true); });"
+    )
+    assert browser.execute_async_script(script) is True
+    time.sleep(1)  # the stream opens
+    sent = stack.publish(channel + ".orders", {"id": 17}, event="created")
+
+    lines: list[str] = []
+
+    def logged() -> bool:
+        lines.extend(e["message"] for e in browser.get_log("browser"))  # each entry is read once
+        return any(sent in m for m in lines)
+
+    wait_until(logged, 15, "the logged event")
+    line = next(m for m in lines if sent in m)
+    assert f"{channel}.orders" in line and "created" in line
+    browser.execute_script("window.__readme.close();")

@@ -91,6 +91,14 @@ def test_invalid_event_names_are_refused(name: str) -> None:
         one({"channel": "c", "event": name, "data": 1})
 
 
+@pytest.mark.parametrize("name", ["reset", "token_expired"])
+def test_the_event_names_herald_sends_itself_are_reserved(name: str) -> None:
+    # A published `reset` would pass for Herald's own with every client.
+    with refused(400, "invalid_event"):
+        one({"channel": "c", "event": name, "data": 1})
+    assert one({"channel": "c", "event": name + "s", "data": 1}).event == name + "s"
+
+
 @pytest.mark.parametrize("value", [1, None, True, ["a"], {"a": 1}, 1.5])
 def test_non_string_names_are_refused(value: Any) -> None:
     with refused(400, "invalid_event"):
