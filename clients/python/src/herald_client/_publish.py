@@ -82,6 +82,29 @@ class _Base:
         headers = {**self.headers, "Idempotency-Key": uuid.uuid4().hex}
         return headers, _Retry(self.attempts, self.max_delay)
 
+    def _settle(self, response: httpx.Response | None, batch: bool) -> list[str] | None:
+        """The ids of a stored call; None to try again; HeraldError for a refusal.
+
+        No answer (connection refused or reset, timeout) is retried: the same
+        key makes that safe."""
+        if response is None:
+            return None
+        if response.status_code < 300:
+            return self._ids(response.json(), batch)
+        if response.status_code not in RETRY_STATUSES:
+            raise _error(response)
+        return None
+
+    @staticmethod
+    def _wait(retry: _Retry, response: httpx.Response | None) -> float:
+        """How long to wait before the next try; HeraldError when the tries are used up."""
+        delay = retry.next_delay(response)
+        if delay is not None:
+            return delay
+        if response is not None:
+            raise _error(response)
+        raise HeraldError(0, "unreachable", f"Herald did not answer after {retry.done} tries")
+
 
 class Publisher(_Base):
     """Publishes events to Herald's `POST /publish`.
@@ -115,22 +138,14 @@ class Publisher(_Base):
     def _post(self, body: Any, batch: bool) -> list[str]:
         headers, retry = self._request(body)
         while True:
-            response: httpx.Response | None = None
             try:
-                response = self._client.post(self.url, json=body, headers=headers)
+                response: httpx.Response | None = self._client.post(self.url, json=body, headers=headers)
             except httpx.TransportError:
-                pass  # connection refused or reset, timeout: the same key makes a retry safe
-            else:
-                if response.status_code < 300:
-                    return self._ids(response.json(), batch)
-                if response.status_code not in RETRY_STATUSES:
-                    raise _error(response)
-            delay = retry.next_delay(response)
-            if delay is None:
-                if response is not None:
-                    raise _error(response)
-                raise HeraldError(0, "unreachable", f"Herald did not answer after {retry.done} tries")
-            time.sleep(delay)
+                response = None
+            ids = self._settle(response, batch)
+            if ids is not None:
+                return ids
+            time.sleep(self._wait(retry, response))
 
     def close(self) -> None:
         self._client.close()
@@ -168,23 +183,16 @@ class AsyncPublisher(_Base):
 
     async def _post(self, body: Any, batch: bool) -> list[str]:
         headers, retry = self._request(body)
+        post = self._client.post
         while True:
-            response: httpx.Response | None = None
             try:
-                response = await self._client.post(self.url, json=body, headers=headers)
+                response: httpx.Response | None = await post(self.url, json=body, headers=headers)
             except httpx.TransportError:
-                pass
-            else:
-                if response.status_code < 300:
-                    return self._ids(response.json(), batch)
-                if response.status_code not in RETRY_STATUSES:
-                    raise _error(response)
-            delay = retry.next_delay(response)
-            if delay is None:
-                if response is not None:
-                    raise _error(response)
-                raise HeraldError(0, "unreachable", f"Herald did not answer after {retry.done} tries")
-            await asyncio.sleep(delay)
+                response = None
+            ids = self._settle(response, batch)
+            if ids is not None:
+                return ids
+            await asyncio.sleep(self._wait(retry, response))
 
     async def aclose(self) -> None:
         await self._client.aclose()
