@@ -67,11 +67,6 @@ def live_key(channel: str, partition: int) -> bytes:
     return f"{tag(partition)}:live:{channel}".encode()
 
 
-def channel_name(key: bytes) -> str:
-    """The channel a live key carries (`herald:{p<N>}:live:<channel>`)."""
-    return key.split(b":live:", 1)[1].decode()
-
-
 # -- positions and frames -------------------------------------------------------
 
 
@@ -156,19 +151,9 @@ def with_id(id: bytes, body: bytes) -> bytes:
     return b"id: " + id + b"\n" + body
 
 
-def event_frame(epoch: bytes, seq: bytes, event: bytes, data: bytes) -> bytes:
-    """The SSE frame of one event; its id is `<epoch>-<seq>`."""
-    return with_id(epoch + b"-" + seq, event_body(event, data))
-
-
 def reset_body(reason: str) -> bytes:
     """A `reset` event without its id: history cannot cover the gap."""
     return sse.frame(json.dumps({"reason": reason}).encode(), event=b"reset")
-
-
-def reset_frame(reason: str, position: Position) -> bytes:
-    """A `reset` event; the client continues from `position`."""
-    return with_id(str(position).encode(), reset_body(reason))
 
 
 def envelope(channel: str, data: bytes) -> bytes:
