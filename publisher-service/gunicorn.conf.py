@@ -24,6 +24,10 @@ graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "10"))
 # worker closes them when it stops.
 keepalive = 75
 accesslog = "-" if os.environ.get("ACCESS_LOG", "0") == "1" else None
+# No query string and no referrer (either may hold a subscribe token; the JSON
+# log handler redacts tokens anyway, publisher.logs.RedactFilter); nginx's access
+# log has the query, redacted.
+access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms rid=%({x-request-id}i)s'
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info")
 # Do not preload: Redis clients must be created after the fork and gevent's patching.

@@ -5,22 +5,34 @@
 //     channels: ["orders", "audit"],
 //     onEvent(e) {},          // e = {id, channel, event, data}; data parsed from JSON
 //     onReset(r) {},          // r = {reason, id}: history could not cover the gap
+//     onError(err, e) {},     // onEvent or onReset threw err for e (default: console.error)
 //     token: async () => jwt, // optional: for private channels, and again before it expires
+//     url: '/stream',         // or another origin's: 'https://push.example.com/stream'
 //   });
 //   sub.close();
 //
 // It reads /stream with fetch() rather than EventSource, so that it sees every
-// event name, the answer's status and Retry-After, and can send the token in a
-// header. It resumes from the last id it saw (Last-Event-ID) after a network
-// error, after any non-200 answer, and across a page reload in the same tab
-// (sessionStorage); it backs off with jitter, honours Retry-After, reconnects
-// with a fresh token before the current one expires, and never hands the same
-// id to onEvent twice.
+// event name, the answer's status and Retry-After, and sends the token in the
+// Authorization header (never in the URL) and its resume point as
+// Last-Event-ID. From another origin that takes a CORS preflight, which the
+// stream service answers for the origins in CORS_ALLOWED_ORIGINS. It resumes
+// from the last id it saw after a network error, after any non-200 answer, and
+// across a page reload in the same tab (sessionStorage); it backs off with
+// jitter, honours Retry-After (seconds or an HTTP-date, at most 5 minutes),
+// reconnects with a fresh token before the current one expires, and never
+// hands the same id to onEvent twice.
+//
+// An exception thrown by onEvent (or onReset) does not lose the event and does
+// not stop the stream: the event counts as delivered (it is not handed out
+// again) and goes to onError(err, event) with the error, so the application
+// can keep it, retry it or report it; then the next event follows. An event
+// whose data is not JSON goes to onError too, its data as the raw text.
 
 const CONTROL = new Set(['reset', 'token_expired']);
 const BACKOFF_MIN_MS = 500;
 const BACKOFF_MAX_MS = 30000;
 const REFRESH_BEFORE_S = 30; // reconnect with a new token this long before it expires
+const RETRY_AFTER_MAX_MS = 5 * 60 * 1000; // the longest wait a Retry-After may impose
 const SEEN_MAX = 1000;
 
 // Seconds until a JWT's `exp`, or null (no exp, or not a JWT).
@@ -31,6 +43,20 @@ function secondsLeft(jwt) {
   } catch {
     return null;
   }
+}
+
+// Milliseconds a Retry-After asks for, at most RETRY_AFTER_MAX_MS; null when it
+// is absent or neither ASCII digits nor an HTTP-date (RFC 9110, IMF-fixdate).
+export function retryAfterMs(value, now = Date.now()) {
+  const text = (value || '').trim();
+  let ms = null;
+  if (/^[0-9]+$/.test(text)) {
+    ms = text.length > 9 ? RETRY_AFTER_MAX_MS : Number(text) * 1000;
+  } else if (/^[A-Z][a-z]{2}, [0-9]{2} [A-Z][a-z]{2} [0-9]{4} [0-9]{2}:[0-9]{2}:[0-9]{2} GMT$/.test(text)) {
+    const when = Date.parse(text);
+    if (Number.isFinite(when)) ms = Math.max(0, when - now);
+  }
+  return ms === null ? null : Math.min(RETRY_AFTER_MAX_MS, ms);
 }
 
 // Server-Sent Events parsing (WHATWG HTML, "Server-sent events"): lines end at
@@ -75,7 +101,13 @@ class Parser {
   }
 }
 
-export function subscribe({ channels, onEvent, onReset = () => {}, onState = () => {}, token, url = '/stream' }) {
+function reportError(err, event) {
+  console.error('herald.js: a callback threw for event', event && event.id, err);
+}
+
+export function subscribe({
+  channels, onEvent, onReset = () => {}, onState = () => {}, onError = reportError, token, url = '/stream',
+}) {
   const list = [...new Set(channels)];
   if (!list.length) throw new Error('subscribe to at least one channel');
   const storageKey = `herald:last:${url}:${list.join(',')}`;
@@ -92,13 +124,23 @@ export function subscribe({ channels, onEvent, onReset = () => {}, onState = () 
     sessionStorage.setItem(storageKey, id);
   };
 
+  // Hand `event` to `callback`; what it throws goes to onError, never up to the
+  // reader (which would drop the stream and, with it, this event).
+  function deliver(callback, event) {
+    try {
+      callback(event);
+    } catch (err) {
+      try { onError(err, event); } catch (again) { reportError(again, event); }
+    }
+  }
+
   function dispatch(type, data, id) {
     if (id !== null) remember(id);
     if (data === null) return; // a position frame: no event
     if (type === 'reset') {
       let reason = 'unknown';
       try { reason = JSON.parse(data).reason; } catch { /* keep unknown */ }
-      onReset({ reason, id });
+      deliver(onReset, { reason, id });
       return;
     }
     if (type === 'token_expired') return; // the stream ends; we come back with a new token
@@ -107,22 +149,30 @@ export function subscribe({ channels, onEvent, onReset = () => {}, onState = () 
       seen.add(id);
       if (seen.size > SEEN_MAX) seen.delete(seen.values().next().value);
     }
-    let parsed = JSON.parse(data);
+    let parsed;
+    try {
+      parsed = JSON.parse(data);
+    } catch (err) {
+      try { onError(err, { id, channel: null, event: type, data }); } catch (again) { reportError(again); }
+      return;
+    }
     let channel = list[0];
-    if (list.length > 1 && !CONTROL.has(type)) {
+    if (list.length > 1 && !CONTROL.has(type) && parsed !== null && typeof parsed === 'object') {
       // On a stream of several channels each event names its channel.
       channel = parsed.channel;
       parsed = parsed.data;
     }
-    onEvent({ id, channel, event: type, data: parsed });
+    deliver(onEvent, { id, channel, event: type, data: parsed });
   }
 
   function retryLater(response) {
     if (closed) return;
     attempt += 1;
     let delay = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** (attempt - 1)) * (0.5 + Math.random() / 2);
-    const after = response && Number.parseInt(response.headers.get('Retry-After') || '', 10);
-    if (after >= 0) delay = after * 1000 + Math.random() * 250;
+    // Strict and bounded: a hostile proxy's "Retry-After: 99999999999" must
+    // neither park the page for years nor overflow setTimeout into a tight loop.
+    const after = response ? retryAfterMs(response.headers.get('Retry-After')) : null;
+    if (after !== null) delay = after + Math.random() * 250;
     onState('waiting', { attempt, delay, status: response ? response.status : null });
     timer = setTimeout(connect, delay);
   }

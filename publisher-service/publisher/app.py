@@ -17,6 +17,7 @@ from werkzeug.exceptions import HTTPException
 
 from . import cors, logs, metrics
 from .config import Config
+from .guard import Guard
 from .metrics import EVENTS_PUBLISHED
 from .store import (
     Cluster,
@@ -91,7 +92,12 @@ def partially_stored(exc: PartiallyStored, headers: dict[str, str]) -> Response:
         )
     else:
         code = "partially_stored"
-        message = f"Redis failed after some of the events were stored (the ones named); {retry}"
+        failure = (
+            "was out of memory (maxmemory reached)"
+            if isinstance(exc.cause, redis.exceptions.OutOfMemoryError)
+            else "failed"
+        )
+        message = f"Redis {failure} after some of the events were stored (the ones named); {retry}"
     response = jsonify(
         error=code,
         message=message,
@@ -100,6 +106,17 @@ def partially_stored(exc: PartiallyStored, headers: dict[str, str]) -> Response:
     response.status_code = 503
     response.headers.update(headers)
     return response
+
+
+def redis_full(headers: dict[str, str]) -> Response:
+    """503: Redis refused the write for memory (its `maxmemory`); nothing was stored."""
+    return error(
+        503,
+        "redis_full",
+        "Redis is out of memory (maxmemory reached): nothing of this request was stored; "
+        "retry later (history expires, or the operator raises REDIS_MAXMEMORY)",
+        headers,
+    )
 
 
 def make_redis(config: Config) -> redis.Redis:
@@ -205,10 +222,37 @@ def create_app(config: Config | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = None  # checked by parse_events, with a JSON error
     logs.init_app(app)
     metrics.init_app(app)
-    cors.init_app(app, config.cors_origins)
+    guard = Guard(config.cors_origins, config.loopback_only)
+
+    def forbidden() -> Response | None:
+        """403 for a cross-site browser request, or (no token) a Host that is not loopback."""
+        environ = request.environ
+        if guard.cross_site(environ):
+            return error(
+                403,
+                "cross_site",
+                "this request comes from a page of another site or origin, which is not in "
+                "CORS_ALLOWED_ORIGINS: refused, with a token or without",
+            )
+        if guard.remote_host(environ):
+            return error(
+                403,
+                "host_not_allowed",
+                "PUBLISH_TOKEN is empty, so only requests to a loopback host (localhost, "
+                "127.0.0.1, [::1]) are served; set PUBLISH_TOKEN, or PUBLISH_OPEN=true to "
+                "publish without a token from any host",
+            )
+        return None
+
+    cors.init_app(app, config.cors_origins, forbidden)
     auth = Authenticator(config.publish_tokens)
-    if auth.open:
-        log.warning("PUBLISH_TOKEN is empty: anyone who reaches /publish can publish")
+    if auth.open and config.publish_open:
+        log.warning("PUBLISH_TOKEN is empty and PUBLISH_OPEN=true: anyone who reaches /publish can publish")
+    elif auth.open:
+        log.warning(
+            "PUBLISH_TOKEN is empty: publishing is allowed to requests for a loopback host only "
+            "(localhost, 127.0.0.1, [::1])"
+        )
     store = EventStore(
         make_topology(config),
         config.history_maxlen,
@@ -236,7 +280,7 @@ def create_app(config: Config | None = None) -> Flask:
         return error(401, "unauthorized", message, {"WWW-Authenticate": 'Bearer realm="herald"'})
 
     def handle_publish() -> Response:
-        if (denied := refused("publish")) is not None:
+        if (denied := forbidden() or refused("publish")) is not None:
             return denied
         try:
             events, batch, body = parse_events(config)
@@ -257,6 +301,9 @@ def create_app(config: Config | None = None) -> Flask:
         except PartiallyStored as exc:
             log.error("publish partially stored: %s", exc)
             return partially_stored(exc, unavailable)
+        except redis.exceptions.OutOfMemoryError as exc:
+            log.error("publish refused, Redis is full: %s", exc)
+            return redis_full(unavailable)
         except PartitionsMismatch as exc:
             log.error("publish refused, misconfigured: %s", exc)
             return error(503, "misconfigured", str(exc), unavailable)
@@ -287,7 +334,7 @@ def create_app(config: Config | None = None) -> Flask:
     @app.get("/channels/<channel>")
     def presence(channel: str) -> Response:
         """Streams subscribed to `channel` now, over every stream replica."""
-        if (denied := refused("read presence")) is not None:
+        if (denied := forbidden() or refused("read presence")) is not None:
             return denied
         if not CHANNEL_RE.fullmatch(channel):
             return error(400, "invalid_channel", "a channel is 1-128 characters of A-Z a-z 0-9 _ . : -")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import math
 import os
 from collections.abc import Mapping
@@ -64,6 +66,30 @@ def _partitions(env: Mapping[str, str], default: int) -> int:
     return value
 
 
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    """true/false (also 1/0, yes/no, on/off); false when blank."""
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "false", "0", "no", "off"):
+        return False
+    if raw in ("true", "1", "yes", "on"):
+        return True
+    raise ConfigError(f"{name} must be true or false, got {env.get(name, '').strip()!r}")
+
+
+@functools.lru_cache(maxsize=64)
+def is_loopback(host: str) -> bool:
+    """True for a loopback name or address: localhost, 127.0.0.0/8, ::1 (brackets allowed)."""
+    name = host.strip().lower().rstrip(".")
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 def _redis_mode(env: Mapping[str, str], default: str) -> str:
     raw = env.get("REDIS_MODE", "").strip()
     if not raw:
@@ -92,6 +118,20 @@ class Config:
     wait_timeout_seconds: float = 0.5
     partitions: int = 1
     redis_mode: str = "standalone"
+    # PUBLISH_OPEN: publishing without PUBLISH_TOKEN from any Host, by choice.
+    publish_open: bool = False
+    # HERALD_BIND: the host address compose publishes the stack on ("" = not told).
+    herald_bind: str = ""
+
+    @property
+    def exposed(self) -> bool:
+        """Whether the stack is published on an address other hosts can reach."""
+        return bool(self.herald_bind) and not is_loopback(self.herald_bind)
+
+    @property
+    def loopback_only(self) -> bool:
+        """Publishing without a token is allowed from a loopback Host only."""
+        return not self.publish_tokens and not self.publish_open
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -118,6 +158,8 @@ class Config:
             ),
             partitions=_partitions(env, cls.partitions),
             redis_mode=_redis_mode(env, cls.redis_mode),
+            publish_open=_flag(env, "PUBLISH_OPEN"),
+            herald_bind=env.get("HERALD_BIND", "").strip(),
         )
 
     def __post_init__(self) -> None:
@@ -125,6 +167,13 @@ class Config:
             raise ConfigError(f"PARTITIONS must be 1 to {MAX_PARTITIONS}, got {self.partitions}")
         if self.redis_mode not in REDIS_MODES:
             raise ConfigError(f"REDIS_MODE must be one of {', '.join(REDIS_MODES)}, got {self.redis_mode!r}")
+        if not self.publish_tokens and not self.publish_open and self.exposed:
+            raise ConfigError(
+                f"HERALD_BIND={self.herald_bind} publishes Herald beyond this host, and PUBLISH_TOKEN "
+                "is empty: anyone who reaches it could publish. Set PUBLISH_TOKEN (comma-separated "
+                "bearer tokens), or PUBLISH_OPEN=true to publish without a token on purpose, or "
+                "HERALD_BIND=127.0.0.1 to keep the stack on this host"
+            )
         # WAIT's answer is read within the connection's own timeout.
         if self.wait_replicas and self.wait_timeout_seconds >= self.redis_timeout_seconds:
             raise ConfigError(

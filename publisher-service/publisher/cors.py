@@ -6,13 +6,18 @@ exact origin; a configured `*` opens publishing to any origin without them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from flask import Flask, Response, request
 
 ALLOWED_HEADERS = "Content-Type, Authorization, Idempotency-Key"
 
 
-def init_app(app: Flask, origins: tuple[str, ...]) -> None:
-    """Answer preflights for /publish and add CORS headers for allowed origins."""
+def init_app(app: Flask, origins: tuple[str, ...], forbidden: Callable[[], Response | None]) -> None:
+    """Answer preflights for /publish and add CORS headers for allowed origins.
+
+    `forbidden` refuses a preflight as it would the request (publisher/guard.py).
+    """
     wildcard = "*" in origins
     exact = frozenset(o for o in origins if o != "*")
 
@@ -30,6 +35,9 @@ def init_app(app: Flask, origins: tuple[str, ...]) -> None:
 
     @app.route("/publish", methods=["OPTIONS"])
     def preflight() -> Response:
+        denied = forbidden()
+        if denied is not None:
+            return denied
         response = Response(status=204)
         if request.headers.get("Origin") in exact or wildcard:
             response.headers["Access-Control-Allow-Methods"] = "POST"

@@ -1,8 +1,10 @@
-"""Logs as JSON lines, each with the request id nginx generates (X-Request-ID)."""
+"""Logs as JSON lines, each with the request id nginx generates (X-Request-ID),
+and never a subscribe token."""
 
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from typing import Any
 
@@ -12,6 +14,14 @@ from pythonjsonlogger.json import JsonFormatter
 
 # Where a request's id is kept: in its WSGI environ, which lives exactly as long.
 REQUEST_ID_KEY = "herald.request_id"
+
+# A query parameter the stream service reads as `token` (subscribe tokens travel
+# as ?token=, EventSource cannot send headers), however its name is spelt:
+# Werkzeug decodes percent-encoded letters (%74oken), so they match too, and so
+# does any case (more than needed). Its value runs to the next `&` or space.
+TOKEN_PARAMETER = re.compile(r"((?:t|%74)(?:o|%6f)(?:k|%6b)(?:e|%65)(?:n|%6e)=)[^&\s]*", re.IGNORECASE)
+# Formats the traceback of a record before it is redacted.
+_TRACEBACKS = logging.Formatter()
 
 
 class GunicornLogger(Logger):  # type: ignore[misc]  # gunicorn ships no type hints
@@ -24,6 +34,11 @@ class GunicornLogger(Logger):  # type: ignore[misc]  # gunicorn ships no type hi
     def access(self, resp: Any, req: Any, environ: Any, request_time: Any) -> None:
         if self.access_log.isEnabledFor(logging.INFO):
             super().access(resp, req, environ, request_time)
+
+
+def redact(text: str) -> str:
+    """`text` with the value of every token parameter replaced by [redacted]."""
+    return TOKEN_PARAMETER.sub(r"\1[redacted]", text)
 
 
 def request_id() -> str:
@@ -43,22 +58,41 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+class RedactFilter(logging.Filter):
+    """Takes token values out of every record: its message (gunicorn logs the
+    request line of a request it refuses, or the URI of one that failed) and
+    its traceback. Runs before the JSON formatter, on the text as logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info:
+            record.exc_text = redact(_TRACEBACKS.formatException(record.exc_info))
+            record.exc_info = None
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
+        return True
+
+
 def log_config(level: str, access_log: bool = False) -> dict[str, Any]:
     """A logging.config dict: JSON lines on stderr for gunicorn's and our loggers.
 
     gunicorn's access logger writes a line per request whenever a logging config
     is given; it stays quiet unless `access_log` (nginx logs every request anyway).
+    Every line goes through RedactFilter: no subscribe token reaches a log.
     """
     handler = {
         "class": "logging.StreamHandler",
         "formatter": "json",
-        "filters": ["request_id"],
+        "filters": ["request_id", "redact"],
         "stream": "ext://sys.stderr",
     }
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "filters": {"request_id": {"()": RequestIdFilter}},
+        "filters": {"request_id": {"()": RequestIdFilter}, "redact": {"()": RedactFilter}},
         "formatters": {
             "json": {
                 "()": JsonFormatter,

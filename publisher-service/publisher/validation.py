@@ -2,7 +2,8 @@
 
 Nothing that could break an SSE frame gets through: names are restricted to
 `[A-Za-z0-9_.:-]`, and data is re-encoded as compact JSON, which escapes every
-control character (CR, LF and NUL included).
+control character (CR, LF and NUL included), and U+2028, U+2029 and U+0085,
+which JSON leaves raw and some SSE parsers take for line ends.
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ def _no_constants(name: str) -> Any:
 # encoder on every call.
 _DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+# Characters JSON may leave raw (they only occur inside strings) that a line
+# splitter other than the WHATWG one ends a line on: httpx-sse before 0.4.2,
+# Python's str.splitlines. Escaped, the text keeps the same JSON value.
+_LINE_BREAKS = (("\u2028", "\\u2028"), ("\u2029", "\\u2029"), ("\x85", "\\u0085"))
 
 
 def parse_json(body: bytes) -> Any:
@@ -87,6 +92,9 @@ def encode_data(data: Any, max_bytes: int) -> str:
     """Encode event data as compact JSON text, refusing what is too large."""
     try:
         text = _ENCODER.encode(data)
+        for raw, escaped in _LINE_BREAKS:
+            if raw in text:
+                text = text.replace(raw, escaped)
         size = len(text.encode("utf-8"))
     except RecursionError:
         raise _bad("data is nested too deeply") from None

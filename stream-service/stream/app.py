@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -12,30 +11,29 @@ from flask import Flask, Response, jsonify, request
 from gunicorn.workers.base_async import ALREADY_HANDLED
 from werkzeug.exceptions import HTTPException
 
-from . import logs, metrics
-from .auth import AccessDenied, authorize, find_token
+from . import cors, logs, metrics
+from .auth import AccessDenied, Grant, authorize, find_token
 from .config import Config
-from .core import BadEventId, Full, Replay, ResumeId, Stream, StreamState, Unavailable, parse_event_id
+from .core import Full, Replay, Stream, StreamState, Unavailable
 from .history import History
 from .hub import Hub
 from .pages import read_page
+from .params import (
+    MAX_HISTORY_LIMIT,
+    BadRequest,
+    parse_after,
+    parse_channels,
+    parse_last_event_id,
+    parse_limit,
+    refuse_repeats,
+)
 from .topology import Topology
-from .writer import SocketWriter, YieldingWriter
+from .writer import Limits, SocketWriter, YieldingWriter
 
 log = logging.getLogger("herald.stream")
 
-CHANNEL_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 HANDOVER = "HERALD_HANDOVER"  # app.config key: the server honours the handover
 BODY_KEY = "herald.stream_body"  # environ key: the stream body of this request
-
-
-class BadRequest(Exception):
-    """A stream request refused before the stream starts."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 def error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
@@ -44,69 +42,6 @@ def error(status: int, code: str, message: str, headers: dict[str, str] | None =
     response.status_code = status
     response.headers.update(headers or {})
     return response
-
-
-def parse_channels(values: list[str], limit: int) -> list[str]:
-    """The requested channels, validated and de-duplicated in order."""
-    if not values:
-        raise BadRequest("missing_channel", "give at least one channel: /stream?channel=<name>")
-    channels = list(dict.fromkeys(values))
-    if len(channels) > limit:
-        raise BadRequest("too_many_channels", f"at most {limit} channels per stream, got {len(channels)}")
-    for channel in channels:
-        if not CHANNEL_RE.fullmatch(channel):
-            raise BadRequest("invalid_channel", "a channel is 1-128 characters of A-Z a-z 0-9 _ . : -")
-    return channels
-
-
-def parse_last_event_id() -> ResumeId | None:
-    """The resume point: the Last-Event-ID header (reconnects), else ?lastEventId=."""
-    raw = request.headers.get("Last-Event-ID")
-    if raw is None or not raw.strip():
-        raw = request.args.get("lastEventId")
-    if raw is None or not raw.strip():
-        return None
-    try:
-        return parse_event_id(raw)
-    except BadEventId as exc:
-        raise BadRequest("invalid_last_event_id", str(exc)) from None
-
-
-MAX_HISTORY_LIMIT = 1000
-
-
-def parse_after(raw: str | None) -> ResumeId | None:
-    """`after=`: an id as /stream sends them (plain or vector), or nothing."""
-    if raw is None or not raw.strip():
-        return None
-    try:
-        return parse_event_id(raw)
-    except BadEventId as exc:
-        raise BadRequest("invalid_after", str(exc).replace("last event id", "`after` id")) from None
-
-
-def parse_limit(raw: str | None, most: int) -> int:
-    """`limit=`: how many events, 1 to `most` (default 100)."""
-    if raw is None or not raw.strip():
-        return min(100, most)
-    if not raw.strip().isdigit() or not 1 <= int(raw) <= most:
-        raise BadRequest("invalid_limit", f"limit must be a whole number from 1 to {most}")
-    return int(raw)
-
-
-def cors_headers(origin: str | None, allowed: tuple[str, ...]) -> dict[str, str]:
-    """CORS for EventSource: exact origins get credentials (withCredentials), `*` never does."""
-    if not origin:
-        return {}
-    if origin in allowed:
-        return {
-            "Access-Control-Allow-Origin": origin,
-            "Access-Control-Allow-Credentials": "true",
-            "Vary": "Origin",
-        }
-    if "*" in allowed:
-        return {"Access-Control-Allow-Origin": "*"}
-    return {}
 
 
 class StreamBody:
@@ -120,11 +55,11 @@ class StreamBody:
     that was never handed over.
     """
 
-    def __init__(self, hub: Hub, stream: Stream, replay: dict[int, Replay] | None, limit_bytes: int) -> None:
+    def __init__(self, hub: Hub, stream: Stream, replay: dict[int, Replay] | None, limits: Limits) -> None:
         self._hub = hub
         self._stream = stream
         self._replay = replay
-        self._limit = limit_bytes
+        self._limits = limits
         self._handed_over = False
         self._frames: Iterator[bytes] | None = None
 
@@ -134,20 +69,36 @@ class StreamBody:
     def hand_over(self, sock: Any, head: bytes, chunked: bool) -> None:
         """Give the connection to the stream's writer, which writes `head` first."""
         self._handed_over = True
-        writer = SocketWriter(sock, chunked=chunked, limit_bytes=self._limit, on_end=self._on_end)
+        writer = SocketWriter(sock, chunked=chunked, limits=self._limits, on_end=self._on_end)
         self._stream.writer = writer
         try:
             first = self._hub.go_live(self._stream, self._replay)
             writer.start(head, first)
+            self._catch_up(writer)
         except BaseException:
             self._hub.leave(self._stream)  # which ends the writer
             raise
         if self._stream.state is StreamState.CLOSED:
             writer.end()  # it ended while catching up
 
+    def _catch_up(self, writer: SocketWriter) -> None:
+        """Page by page from history until the stream is live, each page once the
+        last is written out: a stream holds one page however long its gap."""
+        stream = self._stream
+        while stream.state is StreamState.CATCHING_UP:
+            if not writer.wait_drained(self._limits.grace):
+                if not writer.ended:  # else its end is on the way
+                    self._hub.leave(stream, "slow")
+                return
+            try:
+                page = self._hub.next_page(stream)
+            except Unavailable:
+                return  # it left: the client resumes from the last event it got
+            writer.send_page(page)
+
     def __iter__(self) -> Iterator[bytes]:
         if self._frames is None:
-            writer = YieldingWriter(limit_bytes=self._limit, on_end=self._on_end)
+            writer = YieldingWriter(limits=self._limits, on_end=self._on_end)
             self._stream.writer = writer
             first = self._hub.go_live(self._stream, self._replay)
             if self._stream.state is StreamState.CLOSED:
@@ -155,9 +106,16 @@ class StreamBody:
             self._frames = self._yield(first, writer)
         return self._frames
 
-    @staticmethod
-    def _yield(first: bytes, writer: YieldingWriter) -> Iterator[bytes]:
+    def _yield(self, first: bytes, writer: YieldingWriter) -> Iterator[bytes]:
         yield first
+        # The server asks for the next page once it wrote the last one.
+        while self._stream.state is StreamState.CATCHING_UP:
+            try:
+                page = self._hub.next_page(self._stream)
+            except Unavailable:
+                return
+            if page:
+                yield page
         yield from writer.frames()
 
     def close(self) -> None:
@@ -225,31 +183,35 @@ def create_app(config: Config | None = None) -> Flask:
     app.config[HANDOVER] = False
     app.wsgi_app = handover_wrapper(app.wsgi_app, lambda: app.config[HANDOVER])  # type: ignore[method-assign]
     unavailable = {"Retry-After": str(config.retry_after_seconds)}
+    limits = Limits(config.client_buffer_bytes, config.client_buffer_max_bytes, config.client_buffer_seconds)
 
     # Only GET opens a stream. Flask answers HEAD for every GET route by running
     # the view; HEAD gets the headers a GET would get and never attaches a
-    # subscriber. OPTIONS is not answered automatically (EventSource never sends
-    # a preflight): every other method gets a JSON 405 with `Allow: GET, HEAD`.
-    @app.route("/stream", methods=["GET"], provide_automatic_options=False)
-    def stream() -> Response:
-        try:
-            channels = parse_channels(request.args.getlist("channel"), config.max_channels_per_stream)
-            last = parse_last_event_id()
-        except BadRequest as exc:
-            return error(400, exc.code, exc.message)
+    # subscriber. OPTIONS answers CORS preflights (stream/cors.py): a page on
+    # another origin sends the token and Last-Event-ID in headers. Every other
+    # method gets a JSON 405 with `Allow: GET, HEAD, OPTIONS`.
+    cors.init_app(app, config.cors_origins, ("/stream", "/history"), error)
+    private = {
+        "prefix": config.private_prefix,
+        "secret": config.subscribe_secret,
+        "audience": config.subscribe_audience,
+        "issuer": config.subscribe_issuer,
+    }
+
+    def access(channels: list[str]) -> Grant:
+        """What the request's subscribe token grants on `channels` (AccessDenied if not enough)."""
         token = find_token(
             request.headers.get("Authorization"), request.cookies, request.args, config.token_cookie
         )
-        try:
-            grant = authorize(channels, token, prefix=config.private_prefix, secret=config.subscribe_secret)
-        except AccessDenied as exc:
-            challenge = {"WWW-Authenticate": 'Bearer realm="herald"'} if exc.status == 401 else {}
-            return error(exc.status, exc.code, exc.message, challenge)
-        headers = {
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",
-            **cors_headers(request.headers.get("Origin"), config.cors_origins),
-        }
+        return authorize(channels, token, **private)
+
+    @app.route("/stream", methods=["GET"], provide_automatic_options=False)
+    def stream() -> Response:
+        refuse_repeats(request.args, ("lastEventId", "token"))
+        channels = parse_channels(request.args.getlist("channel"), config.max_channels_per_stream)
+        last = parse_last_event_id(request.headers.get("Last-Event-ID"), request.args.get("lastEventId"))
+        grant = access(channels)
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         if request.method == "HEAD":
             if hub.clients >= config.max_connections:
                 return error(503, "too_many_connections", str(Full()), unavailable)
@@ -266,33 +228,23 @@ def create_app(config: Config | None = None) -> Flask:
         except BaseException:
             hub.leave(stream)
             raise
-        body = request.environ[BODY_KEY] = StreamBody(hub, stream, replay, config.client_buffer_bytes)
+        body = request.environ[BODY_KEY] = StreamBody(hub, stream, replay, limits)
         return Response(body, mimetype="text/event-stream", headers=headers)
 
     @app.get("/history")
     def history_page() -> Response:
         """Recent or missed events as JSON, and the id to open /stream from afterwards."""
-        try:
-            channels = parse_channels(request.args.getlist("channel"), config.max_channels_per_stream)
-            after = parse_after(request.args.get("after"))
-            limit = parse_limit(request.args.get("limit"), MAX_HISTORY_LIMIT)
-        except BadRequest as exc:
-            return error(400, exc.code, exc.message)
-        token = find_token(
-            request.headers.get("Authorization"), request.cookies, request.args, config.token_cookie
-        )
-        try:
-            authorize(channels, token, prefix=config.private_prefix, secret=config.subscribe_secret)
-        except AccessDenied as exc:
-            challenge = {"WWW-Authenticate": 'Bearer realm="herald"'} if exc.status == 401 else {}
-            return error(exc.status, exc.code, exc.message, challenge)
+        refuse_repeats(request.args, ("after", "limit", "token"))
+        channels = parse_channels(request.args.getlist("channel"), config.max_channels_per_stream)
+        after = parse_after(request.args.get("after"))
+        limit = parse_limit(request.args.get("limit"), MAX_HISTORY_LIMIT)
+        access(channels)
         try:
             page = read_page(history, channels, config.partitions, after, limit)
         except redis.RedisError as exc:
             log.error("history read failed: %s", exc)
             return error(503, "unavailable", "history cannot be read right now", unavailable)
         response = jsonify(page.as_json())
-        response.headers.update(cors_headers(request.headers.get("Origin"), config.cors_origins))
         response.headers["Cache-Control"] = "no-store"
         return response
 
@@ -311,6 +263,15 @@ def create_app(config: Config | None = None) -> Flask:
     @app.get("/stats")
     def stats() -> Response:
         return jsonify(hub.snapshot())
+
+    @app.errorhandler(BadRequest)
+    def bad_request(exc: BadRequest) -> Response:
+        return error(400, exc.code, exc.message)
+
+    @app.errorhandler(AccessDenied)
+    def access_denied(exc: AccessDenied) -> Response:
+        challenge = {"WWW-Authenticate": 'Bearer realm="herald"'} if exc.status == 401 else {}
+        return error(exc.status, exc.code, exc.message, challenge)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:

@@ -53,6 +53,7 @@ def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
 
 
 MAX_PARTITIONS = 1024
+MIN_SECRET_BYTES = 32  # HS256: a shorter secret can be brute-forced from one token
 REDIS_MODES = ("standalone", "cluster")
 
 
@@ -66,11 +67,15 @@ class Config:
     heartbeat_seconds: float = 15.0
     max_connections: int = 10000
     client_buffer_bytes: int = 262144
+    client_buffer_max_bytes: int = 4194304
+    client_buffer_seconds: float = 10.0
     watchdog_seconds: float = 10.0
     subscribe_timeout_seconds: float = 5.0
     redis_pool_size: int = 8
     retry_after_seconds: int = 2
     subscribe_secret: str = ""
+    subscribe_audience: str = ""
+    subscribe_issuer: str = ""
     private_prefix: str = "private-"
     token_cookie: str = "herald_token"
     cors_origins: tuple[str, ...] = ()
@@ -89,11 +94,15 @@ class Config:
             heartbeat_seconds=_number(env, "HEARTBEAT_SECONDS", 15.0, 0.1),
             max_connections=_int(env, "MAX_CONNECTIONS", 10000, 1),
             client_buffer_bytes=_int(env, "CLIENT_BUFFER_BYTES", 262144, 1024),
+            client_buffer_max_bytes=_int(env, "CLIENT_BUFFER_MAX_BYTES", 4194304, 1024),
+            client_buffer_seconds=_number(env, "CLIENT_BUFFER_SECONDS", 10.0, 0.1),
             watchdog_seconds=_number(env, "WATCHDOG_SECONDS", 10.0, 0.5),
             subscribe_timeout_seconds=_number(env, "SUBSCRIBE_TIMEOUT_SECONDS", 5.0, 0.1),
             redis_pool_size=_int(env, "REDIS_POOL_SIZE", 8, 1),
             retry_after_seconds=_int(env, "RETRY_AFTER_SECONDS", 2, 1),
             subscribe_secret=env.get("SUBSCRIBE_SECRET", ""),
+            subscribe_audience=env.get("SUBSCRIBE_AUDIENCE", "").strip(),
+            subscribe_issuer=env.get("SUBSCRIBE_ISSUER", "").strip(),
             private_prefix=env.get("PRIVATE_CHANNEL_PREFIX", cls.private_prefix),
             token_cookie=env.get("SUBSCRIBE_TOKEN_COOKIE", "").strip() or cls.token_cookie,
             cors_origins=_list(env, "CORS_ALLOWED_ORIGINS"),
@@ -105,5 +114,15 @@ class Config:
     def __post_init__(self) -> None:
         if self.partitions > MAX_PARTITIONS:
             raise ConfigError(f"PARTITIONS must be at most {MAX_PARTITIONS}, got {self.partitions}")
+        if self.subscribe_secret and len(self.subscribe_secret.encode()) < MIN_SECRET_BYTES:
+            raise ConfigError(
+                f"SUBSCRIBE_SECRET must be at least {MIN_SECRET_BYTES} bytes, got "
+                f"{len(self.subscribe_secret.encode())} (make one with: openssl rand -hex 32)"
+            )
+        if self.client_buffer_max_bytes < self.client_buffer_bytes:
+            raise ConfigError(
+                f"CLIENT_BUFFER_MAX_BYTES ({self.client_buffer_max_bytes}) must be at least "
+                f"CLIENT_BUFFER_BYTES ({self.client_buffer_bytes})"
+            )
         if self.redis_mode not in REDIS_MODES:
             raise ConfigError(f"REDIS_MODE must be one of {', '.join(REDIS_MODES)}, got {self.redis_mode!r}")

@@ -20,8 +20,10 @@ The rules, in one place:
   in that partition (already sent to it from history while it caught up).
   Nowhere else is anything dropped.
 - A stream is WAITING until its channels are live, CATCHING_UP while the
-  adapter reads its history (live events are queued for it meanwhile, bounded),
-  then LIVE: each event goes to its writer as it arrives.
+  adapter reads its history page by page (live events are queued for it
+  meanwhile; when the queue passes its bound it is dropped, and history, which
+  holds every event queued, is read on until it covers the drop), then LIVE:
+  each event goes to its writer as it arrives.
 - A stream whose channels lie in one partition carries that partition's ids,
   `<epoch>-<seq>`, and every such stream gets the very same bytes per event.
   A stream over several partitions carries a vector id, its position in each.
@@ -139,11 +141,13 @@ class Replay:
     seq: int  # the partition's newest sequence number in Redis when history was read
     events: list[HistoryEvent] = field(default_factory=list)
     reset: str | None = None
+    # False: a page that stopped short; more events follow its last one.
+    complete: bool = True
 
 
 def event_body(event: bytes, data: bytes) -> bytes:
-    """An event's frame without its id line: event, data, blank line."""
-    return sse.frame(data, event=event)
+    """An event's frame without its id line: event, data (line separators escaped), blank line."""
+    return sse.frame(sse.json_data(data), event=event)
 
 
 def with_id(id: bytes, body: bytes) -> bytes:
@@ -311,6 +315,7 @@ class Stream:
         "keys",
         "parts",
         "queue",
+        "queue_dropped",
         "queued_bytes",
         "reset",
         "resume",
@@ -344,6 +349,9 @@ class Stream:
         self.reset: str | None = None  # a reset due before it goes live, and why
         self.queue: deque[Item] = deque()
         self.queued_bytes = 0
+        # The queue overflowed since the current history read began: history
+        # must be read again before the stream can go live.
+        self.queue_dropped = False
         self.closed: str | None = None  # why it ended
         self.writer: Any = None
 
@@ -573,27 +581,20 @@ class Core:
         return actions + [Unsubscribe(p, tuple(keys)) for p, keys in gone.items()]
 
     def caught_up(self, stream: Stream, replays: dict[int, Replay] | None) -> bytes:
-        """History was read for `stream` (None: none was needed); it goes live.
+        """History was read for `stream` (None: none was needed): what to write first.
 
-        Returns what to write first: the preamble, the replayed events (or a
-        reset), and the live events queued meanwhile that the replay did not cover.
+        The preamble, then the replayed events (or a reset). If that was the
+        whole gap, also the live events queued meanwhile that the replay did
+        not cover, and the stream is LIVE; else it stays CATCHING_UP and
+        `next_read` says what to read for `replayed`.
         """
         if stream.state is StreamState.CLOSED:
-            # It ended while catching up (its token expired, it fell too far behind).
+            # It ended while catching up (its token expired, its client left).
             return self.preamble + (TOKEN_EXPIRED if stream.closed == "token_expired" else b"")
         assert stream.state is StreamState.CATCHING_UP
         out = [self.preamble]
         replays = replays or {}
-        reset = stream.reset
-        for number, replay in replays.items():
-            if replay.reset or replay.epoch != stream.epochs[stream.slot(number)]:
-                reset = reset or replay.reset or "epoch_changed"
-        if reset:
-            for number, replay in replays.items():
-                i = stream.slot(number)
-                self._move(stream, i, replay.epoch, replay.seq)
-            out.append(with_id(stream.id(), reset_body(reset)))
-        elif stream.resume is None:
+        if stream.resume is None and not stream.reset:
             # A fresh stream on a channel that just went live starts where Redis
             # was once it did (read after the SUBSCRIBE took effect): everything
             # later comes live, and nothing from before the stream opened.
@@ -604,15 +605,64 @@ class Core:
             # stream drops before any event.
             out.append(sse.position(stream.id()))
         else:
-            for number, replay in sorted(replays.items()):
-                epoch = replay.epoch.encode()
-                i = stream.slot(number)
-                for e in replay.events:
-                    if e.seq > stream.seqs[i]:
-                        stream.seqs[i] = e.seq
-                        data = envelope(e.channel, e.data) if stream.wrap else e.data
-                        body = event_body(e.event, data)
-                        out.append(with_id(stream.id() if stream.vector else epoch + b"-%d" % e.seq, body))
+            self._replay(stream, replays, out, stream.reset)
+        return self._settle(stream, replays, out)
+
+    def next_read(self, stream: Stream) -> HistoryRequest | None:
+        """What to read next for `stream` while it catches up (None: nothing).
+
+        Call it as the read begins. A read of every partition's events from the
+        stream's position covers a queue dropped before it; an overflow from
+        then on asks for another.
+        """
+        request = stream.history if stream.state is StreamState.CATCHING_UP else None
+        if request is not None and request.check and len(request.after) == len(stream.parts):
+            stream.queue_dropped = False
+        return request
+
+    def replayed(self, stream: Stream, replays: dict[int, Replay]) -> bytes:
+        """The next page of `stream`'s history was read: what to write next, as
+        `caught_up` but without the preamble."""
+        if stream.state is StreamState.CLOSED:
+            return b""  # its End carried the last frame
+        out: list[bytes] = []
+        self._replay(stream, replays, out, None)
+        return self._settle(stream, replays, out)
+
+    def _replay(
+        self, stream: Stream, replays: dict[int, Replay], out: list[bytes], reset: str | None
+    ) -> None:
+        """Append the frames of `replays` for `stream`, or one reset if they cannot be complete."""
+        for number, replay in replays.items():
+            if replay.reset or replay.epoch != stream.epochs[stream.slot(number)]:
+                reset = reset or replay.reset or "epoch_changed"
+        if reset:
+            for number, replay in replays.items():
+                self._move(stream, stream.slot(number), replay.epoch, replay.seq)
+            out.append(with_id(stream.id(), reset_body(reset)))
+            return
+        for number, replay in sorted(replays.items()):
+            epoch = replay.epoch.encode()
+            i = stream.slot(number)
+            for e in replay.events:
+                if e.seq > stream.seqs[i]:
+                    stream.seqs[i] = e.seq
+                    data = envelope(e.channel, e.data) if stream.wrap else e.data
+                    body = event_body(e.event, data)
+                    out.append(with_id(stream.id() if stream.vector else epoch + b"-%d" % e.seq, body))
+
+    def _settle(self, stream: Stream, replays: dict[int, Replay], out: list[bytes]) -> bytes:
+        """Go live if the replay covered the whole gap, else ask for the next page."""
+        short = [n for n, r in replays.items() if not r.complete]
+        stream.reset = None
+        if short or stream.queue_dropped:
+            # The queue, when dropped, lacks events only history still has:
+            # every partition is read on from where the stream is.
+            by_part = self._channels_by_part(stream)
+            numbers = stream.parts if stream.queue_dropped else short
+            after = {n: Position(stream.epochs[stream.slot(n)], stream.seqs[stream.slot(n)]) for n in numbers}
+            stream.history = HistoryRequest({n: by_part[n] for n in numbers}, after, check=True)
+            return b"".join(out)
         for item in stream.queue:
             frame = self._admit(stream, item)
             if frame is not None:
@@ -620,9 +670,17 @@ class Core:
         stream.queue.clear()
         stream.queued_bytes = 0
         stream.history = None
-        stream.reset = None
         stream.state = StreamState.LIVE
         return b"".join(out)
+
+    def _channels_by_part(self, stream: Stream) -> dict[int, tuple[str, ...]]:
+        """The stream's channel names, by partition."""
+        by_part: dict[int, tuple[str, ...]] = {}
+        for key in stream.keys:
+            channel = self.channels[key]
+            number = channel.part.number
+            by_part[number] = (*by_part.get(number, ()), channel.name)
+        return by_part
 
     def _admit(self, stream: Stream, item: Item) -> bytes | None:
         """The frame `stream` gets for a queued item, or None if it has it already."""
@@ -664,11 +722,7 @@ class Core:
             epochs.append(part.epoch)
             seqs.append(part.position)
         stream.epochs, stream.seqs = self._interned(tuple(epochs)), seqs
-        by_part: dict[int, tuple[str, ...]] = {}
-        for key in stream.keys:
-            channel = self.channels[key]
-            number = channel.part.number
-            by_part[number] = (*by_part.get(number, ()), channel.name)
+        by_part = self._channels_by_part(stream)
         if stream.resume is not None:
             after = self._resume_points(stream)
             if after is None:
@@ -790,7 +844,8 @@ class Core:
 
     def gap_read(self, number: int, replay: Replay | None) -> list[Action]:
         """The gap of a partition after a reconnect was read (None: no gap):
-        dispatch it, then the messages held meanwhile, and go live."""
+        dispatch it, then the messages held meanwhile, and go live. A page that
+        stopped short is dispatched and the rest asked for (ReadGap)."""
         part = self.parts[number]
         actions: list[Action] = []
         part.reading_gap = False
@@ -802,6 +857,12 @@ class Core:
                 key = live_key(e.channel, number)
                 bodies = Payload(e.channel, e.event, e.data)
                 actions += self._dispatch(part, key, e.seq, b"%d" % e.seq, bodies)
+            if not replay.complete and epoch == part.epoch_b:
+                # One page of the gap: read on from its last event before going live.
+                assert part.epoch is not None
+                part.reading_gap = True
+                names = tuple(c.name for c in self.channels_of(part))
+                return [*actions, ReadGap(number, names, Position(part.epoch, part.position))]
         part.recovering = False
         held, part.held = part.held, []
         for key, payload in held:
@@ -863,7 +924,6 @@ class Core:
         event_id = part.epoch_b + b"-" + seqb
         live = []  # single-channel streams: the plain frame
         wrapped = []  # multi-channel streams in one partition: the wrapped frame
-        behind = []
         actions: list[Action] = []
         for stream in channel.streams:
             state = stream.state
@@ -879,25 +939,23 @@ class Core:
                         live.append(stream)
             elif state is StreamState.CATCHING_UP:
                 size = len(event_id) + len(payload.data) + 32
-                if not self._enqueue(stream, EventItem(number, seq, event_id, payload, size)):
-                    behind.append(stream)
+                self._enqueue(stream, EventItem(number, seq, event_id, payload, size))
         if live:
             actions.append(Deliver(with_id(event_id, payload.plain()), live))
         if wrapped:
             actions.append(Deliver(with_id(event_id, payload.wrapped()), wrapped))
-        return actions + self._cut(behind) if behind else actions
+        return actions
 
-    def _enqueue(self, stream: Stream, item: Item) -> bool:
-        """Queue `item` for a stream catching up; False if that puts it too far behind."""
+    def _enqueue(self, stream: Stream, item: Item) -> None:
+        """Queue `item` for a stream catching up. Past the bound the queue is
+        dropped: history holds every event in it (and a changed epoch shows
+        there too), so the stream reads history again before it goes live."""
         stream.queue.append(item)
         stream.queued_bytes += item.size
-        return stream.queued_bytes <= self.queue_limit_bytes
-
-    def _cut(self, streams: list[Stream]) -> list[Action]:
-        actions: list[Action] = []
-        for stream in streams:
-            actions += self.leave(stream, "slow")
-        return actions
+        if stream.queued_bytes > self.queue_limit_bytes:
+            stream.queue.clear()
+            stream.queued_bytes = 0
+            stream.queue_dropped = True
 
     def _change_epoch(self, part: Partition, reason: str, to: Position) -> list[Action]:
         """Every stream of `part` not on epoch `to.epoch` yet is told to reset to `to` there."""
@@ -905,7 +963,6 @@ class Core:
         body = reset_body(reason)
         frame = with_id(str(to).encode(), body)
         live = []
-        behind = []
         actions: list[Action] = []
         for stream in self.streams:
             if number not in stream.parts or not stream.epochs:
@@ -919,13 +976,11 @@ class Core:
                     actions.append(Reset(reason, with_id(stream.id(), body), [stream]))
                 else:
                     live.append(stream)
-            elif stream.state is StreamState.CATCHING_UP and not self._enqueue(
-                stream, ResetItem(number, to, frame, body)
-            ):
-                behind.append(stream)
+            elif stream.state is StreamState.CATCHING_UP:
+                self._enqueue(stream, ResetItem(number, to, frame, body))
         if live:
             actions.append(Reset(reason, frame, live))
-        return actions + self._cut(behind)
+        return actions
 
     # -- time and the end ---------------------------------------------------
 

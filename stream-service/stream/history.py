@@ -1,16 +1,21 @@
 """Resume from history: the stream service's read side of the Redis contract.
 
 Per partition, one read-only Lua script returns, atomically, the partition's
-current epoch and sequence number and, for each of its channels, the events
-after a position together with the channel's newest sequence number. From that we either replay exactly the
-missed events, merged across channels in publish order, or tell the client to
-reset (docs/redis-contract.md, "Reading history").
+current epoch and sequence number and a bounded page of events on some of its
+channels, merged across them in publish order: after a position (a resume, a
+gap), or the newest ones (`GET /history` without `after`). It checks first
+(the epoch, a position from the future, trimmed history) and reads only as far
+as the page goes: at most `most` events, and no more once `budget` bytes of
+data are in (a page holds at least one event), plus a few entries of
+look-ahead per channel. A page that stops short says so (`Replay.complete` is
+False) and the caller reads on from its last event, so no request, whatever its
+gap, makes Redis or this process hold more than a page
+(docs/redis-contract.md, "Reading history").
 """
 
 from __future__ import annotations
 
 import hashlib
-import heapq
 import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,26 +26,83 @@ from redis.exceptions import NoScriptError
 
 from .core import HistoryEvent, Position, Replay, tag
 
-# All keys of one call carry the same partition's hash tag (one slot on a cluster).
-# KEYS[1] = meta hash, KEYS[2] = channels hash, KEYS[3..] = channel streams;
-# ARGV[1] = position (seq), ARGV[2..] = the channel names, in KEYS order.
-READ_LUA = """
-local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq')
-local out = {meta[1] or '', meta[2] or '0'}
-for i = 3, #KEYS do
-  out[#out + 1] = redis.call('HGET', KEYS[2], ARGV[i - 1]) or '0'
-  out[#out + 1] = redis.call('XRANGE', KEYS[i], '(' .. ARGV[1] .. '-0', '+')
+# KEYS[1] = meta hash, KEYS[2] = channel index, KEYS[3..] = channel streams (all
+# of one partition: one slot on a cluster). ARGV[1] = 'after' (oldest first) or
+# 'before' (newest first); ARGV[2] = the position (seq) to read after or before
+# ('' with 'before': from the newest); ARGV[3] = most events; ARGV[4] = byte
+# budget; ARGV[5] = the epoch the position is in ('' = no checks); ARGV[6..] =
+# the channel names, in KEYS order. Returns {epoch, seq, reset or '', complete
+# (1 or 0), then per event: channel index (1-based), seq, event name, data}.
+#
+# The checks, with an epoch and 'after', come before any event is read: another
+# epoch; a position ahead of the partition; an event after the position that
+# history no longer holds (the first entry left names a predecessor after it,
+# or none is left although the channel's newest event is after it; a channel
+# missing from the index counts the partition's `forgotten` as its newest).
+# While merging, each channel is read 1, 2, 4 then 8 entries at a time, so the
+# look-ahead beyond the page stays within 8 entries per channel.
+READ_LUA = """#!lua flags=no-writes
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'forgotten')
+local epoch, seq = meta[1] or '', tonumber(meta[2] or '0')
+local out = {epoch, seq, '', 1}
+local forward, at_seq, most, budget = ARGV[1] == 'after', ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local check = forward and ARGV[5] ~= ''
+if check and epoch ~= ARGV[5] then out[3] = 'epoch_changed' return out end
+if check and tonumber(at_seq) > seq then out[3] = 'unknown_id' return out end
+
+local function field(fields, name)
+  for j = 1, #fields, 2 do if fields[j] == name then return fields[j + 1] end end
 end
-return out
-"""
+local n = #KEYS - 2
+local buf, next_at, take, done = {}, {}, {}, {}
+local function fetch(i, from)
+  if forward then
+    buf[i] = redis.call('XRANGE', KEYS[i + 2], from, '+', 'COUNT', take[i])
+  else
+    buf[i] = redis.call('XREVRANGE', KEYS[i + 2], from, '-', 'COUNT', take[i])
+  end
+  next_at[i] = 1
+  done[i] = #buf[i] < take[i]
+  take[i] = math.min(take[i] * 2, 8)
+end
 
+local start = '+'
+if at_seq ~= '' then start = '(' .. at_seq .. '-0' end
+for i = 1, n do
+  take[i] = 1
+  fetch(i, start)
+  if check then
+    local first, prev = buf[i][1], nil
+    if first then prev = field(first[2], 'prev') or '0'
+    else prev = redis.call('HGET', KEYS[2], ARGV[i + 5]) or meta[3] or '0' end
+    if tonumber(prev) > tonumber(at_seq) then out[3] = 'history_trimmed' return out end
+  end
+end
 
-# KEYS as READ_LUA; ARGV[1] = how many. The newest ARGV[1] entries of each channel.
-RECENT_LUA = """
-local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq')
-local out = {meta[1] or '', meta[2] or '0'}
-for i = 3, #KEYS do
-  out[#out + 1] = redis.call('XREVRANGE', KEYS[i], '+', '-', 'COUNT', ARGV[1])
+local count, bytes = 0, 0
+while true do
+  local best, best_seq
+  for i = 1, n do
+    if next_at[i] > #buf[i] and not done[i] then fetch(i, '(' .. buf[i][#buf[i]][1]) end
+    local e = buf[i][next_at[i]]
+    if e then
+      local s = tonumber(string.match(e[1], '^%d+'))
+      if best == nil or (forward and s < best_seq) or (not forward and s > best_seq) then
+        best, best_seq = i, s
+      end
+    end
+  end
+  if best == nil then break end
+  if count >= most or (count > 0 and bytes >= budget) then out[4] = 0 break end
+  local fields = buf[best][next_at[best]][2]
+  next_at[best] = next_at[best] + 1
+  local name, data = field(fields, 'event') or 'message', field(fields, 'data') or 'null'
+  out[#out + 1] = best
+  out[#out + 1] = best_seq
+  out[#out + 1] = name
+  out[#out + 1] = data
+  count = count + 1
+  bytes = bytes + #name + #data
 end
 return out
 """
@@ -49,7 +111,9 @@ return out
 # KEYS[1] = meta hash; ARGV[1] = candidate epoch, ARGV[2] = the worker's epoch
 # ('' before its first connection), ARGV[3] = the last seq it dispatched,
 # ARGV[4] = the partition count. Returns {epoch, seq} or {'', stored count}.
-META_LUA = """
+# allow-oom: it writes a few bytes at most, and a full Redis must not stop the
+# stream workers from serving what it holds.
+META_LUA = """#!lua flags=allow-oom
 redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
 redis.call('HSETNX', KEYS[1], 'partitions', ARGV[4])
 local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'partitions')
@@ -66,42 +130,12 @@ return {meta[1], seq}
 
 
 READ_SHA = hashlib.sha1(READ_LUA.encode()).hexdigest()
-RECENT_SHA = hashlib.sha1(RECENT_LUA.encode()).hexdigest()
 META_SHA = hashlib.sha1(META_LUA.encode()).hexdigest()
 
 
 def new_epoch() -> str:
     """A fresh random epoch (12 hex digits), offered with HSETNX; the first one wins."""
     return secrets.token_hex(6)
-
-
-def _seq(entry_id: bytes) -> int:
-    return int(entry_id.split(b"-", 1)[0])
-
-
-def _fields(raw: list[bytes]) -> dict[bytes, bytes]:
-    return dict(zip(raw[::2], raw[1::2], strict=True))
-
-
-def _entries(channel: str, raw: list[list[Any]]) -> list[HistoryEvent]:
-    events = []
-    for entry_id, fields in raw:
-        values = _fields(fields)
-        event = values.get(b"event", b"message")
-        events.append(HistoryEvent(_seq(entry_id), channel, event, values.get(b"data", b"null")))
-    return events
-
-
-def _gap(after: int, newest: int, entries: list[list[Any]]) -> bool:
-    """True if an event of the channel after `after` is no longer in history.
-
-    Trimming removes the oldest entries only, so an event after `after` is gone
-    exactly when the first entry left after it names a predecessor the client
-    has not seen, or when nothing is left although newer events were published.
-    """
-    if not entries:
-        return newest > after
-    return int(_fields(entries[0][1]).get(b"prev", b"0")) > after
 
 
 class PartitionsMismatch(Exception):
@@ -141,44 +175,44 @@ class History:
             )
         return Position(epoch.decode(), int(seq))
 
-    def recent(self, partition: int, channels: Sequence[str], limit: int) -> Replay:
-        """The newest `limit` events on `channels` (all of `partition`), oldest first,
-        with the partition's position when they were read (one atomic read)."""
+    def page(
+        self,
+        partition: int,
+        channels: Sequence[str],
+        *,
+        after: Position | None = None,
+        before: int | None = None,
+        check: bool = True,
+        most: int,
+        budget: int,
+    ) -> Replay:
+        """One page of events on `channels` (all of `partition`), oldest first, with
+        the partition's epoch and sequence number when it was read.
+
+        With `after`: the events after that position (with `check`, a replay
+        that cannot be complete comes back as a reset: another epoch, a future
+        position, trimmed history). Without: the newest events (before seq
+        `before`, if given). At most `most` events, and none past the one that
+        brings the data to `budget` bytes; `complete` says whether the page
+        holds every event there is (after `after`, or before its oldest).
+        """
         prefix = tag(partition)
         keys = [f"{prefix}:meta", f"{prefix}:channels"] + [f"{prefix}:stream:{c}" for c in channels]
-        raw = self._run(RECENT_LUA, RECENT_SHA, keys, [limit])
-        per_channel = [_entries(c, list(reversed(e))) for c, e in zip(channels, raw[2:], strict=True)]
-        events = list(heapq.merge(*per_channel, key=lambda e: e.seq))
-        return Replay(raw[0].decode(), int(raw[1]), events[-limit:] if limit else [])
+        if after is not None:
+            args: list[Any] = ["after", after.seq, most, budget, after.epoch if check else ""]
+        else:
+            args = ["before", "" if before is None else before, most, budget, ""]
+        raw = self._run(READ_LUA, READ_SHA, keys, [*args, *channels])
+        replay = Replay(raw[0].decode(), int(raw[1]), reset=raw[2].decode() or None, complete=raw[3] == 1)
+        events = [
+            HistoryEvent(int(seq), channels[index - 1], event, data)
+            for index, seq, event, data in zip(raw[4::4], raw[5::4], raw[6::4], raw[7::4], strict=True)
+        ]
+        replay.events = events if after is not None else events[::-1]
+        return replay
 
     def now(self, partition: int) -> Replay:
         """The partition's current epoch and sequence number (no events)."""
         raw: Any = self._client().hmget(f"{tag(partition)}:meta", ["epoch", "seq"])
         epoch, seq = raw
         return Replay((epoch or b"").decode(), int(seq or 0))
-
-    def read(self, partition: int, channels: Sequence[str], after: Position, *, check: bool = True) -> Replay:
-        """Events on `channels` (all of `partition`) after `after`, in publish order.
-
-        With `check`, a replay that cannot be complete becomes a reset instead:
-        another epoch, an unknown (future) position, or trimmed history.
-        """
-        prefix = tag(partition)
-        keys = [f"{prefix}:meta", f"{prefix}:channels"] + [f"{prefix}:stream:{c}" for c in channels]
-        raw = self._run(READ_LUA, READ_SHA, keys, [after.seq, *channels])
-        epoch, seq = raw[0].decode(), int(raw[1])
-        replay = Replay(epoch, seq)
-        if check and epoch != after.epoch:
-            replay.reset = "epoch_changed"
-        elif check and after.seq > seq:
-            replay.reset = "unknown_id"
-        if replay.reset:
-            return replay
-        per_channel = []
-        for channel, newest, entries in zip(channels, raw[2::2], raw[3::2], strict=True):
-            if check and _gap(after.seq, int(newest), entries):
-                replay.reset = "history_trimmed"
-                return replay
-            per_channel.append(_entries(channel, entries))
-        replay.events = list(heapq.merge(*per_channel, key=lambda e: e.seq))
-        return replay

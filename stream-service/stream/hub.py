@@ -38,6 +38,7 @@ from .core import (
     Deliver,
     End,
     Full,
+    HistoryRequest,
     Malformed,
     Position,
     ReadGap,
@@ -56,6 +57,12 @@ from .topology import Address, Topology
 from .writer import chunk
 
 log = logging.getLogger("herald.stream.hub")
+
+# Pages of history: at most this many events per read (and, for a stream
+# catching up, no more bytes than its CLIENT_BUFFER_BYTES; for the worker's
+# own gap after a reconnect, GAP_BYTES).
+PAGE_EVENTS = 1000
+GAP_BYTES = 1 << 20
 
 __all__ = ["Full", "Hub", "Unavailable"]
 
@@ -165,20 +172,42 @@ class Hub:
             raise Unavailable("the worker is shutting down")
 
     def read_history(self, stream: Stream) -> dict[int, Replay] | None:
-        """What `stream` needs from history before it goes live, per partition (None: nothing).
+        """The first page of what `stream` needs from history before it goes
+        live, per partition (None: nothing).
 
         Raises Unavailable (and leaves) if history cannot be read.
         """
-        request = stream.history
+        request = self.core.next_read(stream)
         if request is None:
             if stream.reset:
                 metrics.RESETS.labels(stream.reset).inc()
             return None
+        return self._read_page(stream, request)
+
+    def go_live(self, stream: Stream, replays: dict[int, Replay] | None) -> bytes:
+        """What to write first to `stream`; if it is LIVE after this, events go to
+        its writer from now on, else `next_page` reads on."""
+        return self.core.caught_up(stream, replays)
+
+    def next_page(self, stream: Stream) -> bytes:
+        """The next page of `stream`'s catch-up, as frames; it may be LIVE after this.
+
+        Raises Unavailable (and leaves) if history cannot be read.
+        """
+        request = self.core.next_read(stream)
+        if request is None:
+            return b""
+        return self.core.replayed(stream, self._read_page(stream, request))
+
+    def _read_page(self, stream: Stream, request: HistoryRequest) -> dict[int, Replay]:
+        budget = self._config.client_buffer_bytes
         replays = {}
         try:
             for number, channels in request.channels.items():
                 if request.check:
-                    replays[number] = self._history.read(number, channels, request.after[number])
+                    after = request.after[number]
+                    page = self._history.page(number, channels, after=after, most=PAGE_EVENTS, budget=budget)
+                    replays[number] = page
                 else:
                     replays[number] = self._history.now(number)
         except redis.RedisError as exc:
@@ -188,10 +217,6 @@ class Hub:
         if reset:
             metrics.RESETS.labels(reset).inc()
         return replays
-
-    def go_live(self, stream: Stream, replays: dict[int, Replay] | None) -> bytes:
-        """`stream` caught up: what to write first; from now on events go to its writer."""
-        return self.core.caught_up(stream, replays)
 
     def leave(self, stream: Stream, reason: str = "gone") -> None:
         """The stream is over (idempotent): end it, unsubscribe what no one else needs."""
@@ -250,9 +275,20 @@ class Hub:
         metrics.CLIENTS.set(self.clients)
 
     def _read_gap(self, action: ReadGap) -> None:
-        """Dispatch, from history, what was published while the hub was away."""
-        replay = self._history.read(action.partition, action.channels, action.after, check=False)
-        self._do(self.core.gap_read(action.partition, replay))
+        """Dispatch, from history, what was published while the hub was away, page by page."""
+        gap: ReadGap | None = action
+        while gap is not None:
+            replay = self._history.page(
+                gap.partition,
+                gap.channels,
+                after=gap.after,
+                check=False,
+                most=PAGE_EVENTS,
+                budget=GAP_BYTES,
+            )
+            actions = self.core.gap_read(gap.partition, replay)
+            gap = next((a for a in actions if isinstance(a, ReadGap)), None)
+            self._do([a for a in actions if not isinstance(a, ReadGap)])
 
     # -- the clock ----------------------------------------------------------
 

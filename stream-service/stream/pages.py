@@ -14,8 +14,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .core import HistoryEvent, Position, Replay, ResumeId, partition_of
+from .core import HistoryEvent, Position, ResumeId, partition_of
 from .history import History
+
+# The most data one /history answer holds (it holds at least one event): with
+# `limit` up to 1000 and events up to MAX_EVENT_BYTES, a page could otherwise
+# be 64 MiB. A client pages on from `last_id`.
+PAGE_BYTES = 1 << 20
 
 
 @dataclass
@@ -66,18 +71,40 @@ def read_page(
     history: History, channels: Sequence[str], partitions: int, after: ResumeId | None, limit: int
 ) -> Page:
     """The page: with `after`, the events after it (oldest first, at most `limit`);
-    without, the most recent `limit`. A gap history cannot cover is a reset."""
+    without, the most recent `limit`. A gap history cannot cover is a reset.
+
+    Redis reads no more than the page holds (plus a few entries of look-ahead),
+    and the page holds no more than PAGE_BYTES of data (at least one event).
+    """
     groups = by_partition(channels, partitions)
     if after is None:
         return _recent(history, groups, limit)
     points = resume_points(after, list(groups))
     if points is None:
         return _reset(history, groups, "unknown_id")
-    replays = {p: history.read(p, names, points[p]) for p, names in groups.items()}
-    reason = next((r.reset for r in replays.values() if r.reset), None)
-    if reason:
-        return Page([], {p: Position(r.epoch, r.seq) for p, r in replays.items()}, reason)
-    return _first(replays, limit)
+    events: list[tuple[int, Position, HistoryEvent]] = []
+    positions: dict[int, Position] = {}
+    room, budget = limit, PAGE_BYTES
+    # Whole partitions first, in partition order; the one cut short resumes
+    # after its last event, the ones not reached from where they were.
+    for p, names in groups.items():
+        if room <= 0 or budget <= 0:
+            positions[p] = points[p]
+            continue
+        replay = history.page(p, names, after=points[p], most=room, budget=budget)
+        if replay.reset:
+            return _reset(history, groups, replay.reset)
+        events += [(p, Position(replay.epoch, e.seq), e) for e in replay.events]
+        room -= len(replay.events)
+        budget -= _size(replay.events)
+        last = replay.events[-1].seq if replay.events and not replay.complete else replay.seq
+        positions[p] = Position(replay.epoch, last)
+    return Page(events, positions)
+
+
+def _size(events: Sequence[HistoryEvent]) -> int:
+    """Bytes of data as the read script counts them."""
+    return sum(len(e.event) + len(e.data) for e in events)
 
 
 def _reset(history: History, groups: dict[int, list[str]], reason: str) -> Page:
@@ -88,44 +115,23 @@ def _reset(history: History, groups: dict[int, list[str]], reason: str) -> Page:
     return Page([], positions, reason)
 
 
-def _first(replays: dict[int, Replay], limit: int) -> Page:
-    """At most `limit` events after the resume point: whole partitions first, in
-    partition order; the partition cut short resumes after its last event."""
-    events: list[tuple[int, Position, HistoryEvent]] = []
-    positions: dict[int, Position] = {}
-    for p, replay in replays.items():
-        room = limit - len(events)
-        taken = replay.events[:room]
-        events += [(p, Position(replay.epoch, e.seq), e) for e in taken]
-        if len(taken) == len(replay.events):
-            positions[p] = Position(replay.epoch, replay.seq)
-        else:
-            # Cut short: the rest comes after this page.
-            last = taken[-1].seq if taken else _before(replay)
-            positions[p] = Position(replay.epoch, last)
-    return Page(events, positions)
-
-
-def _before(replay: Replay) -> int:
-    """The position just before a partition's first missed event (none taken)."""
-    return replay.events[0].seq - 1 if replay.events else replay.seq
-
-
 def _recent(history: History, groups: dict[int, list[str]], limit: int) -> Page:
-    """The newest `limit` events, shared out between partitions newest first."""
-    replays = {p: history.recent(p, names, limit) for p, names in groups.items()}
-    newest = {p: list(reversed(r.events)) for p, r in replays.items()}
-    keep = dict.fromkeys(replays, 0)
-    total = 0
-    rank = 0
-    while total < limit and any(rank < len(e) for e in newest.values()):
-        for p, candidates in newest.items():
-            if rank < len(candidates) and total < limit:
-                keep[p] += 1
-                total += 1
-        rank += 1
+    """The newest `limit` events: each partition's share first, then what its
+    share left over to the partitions that have more (older) events."""
+    share, bytes_share = -(-limit // len(groups)), PAGE_BYTES // len(groups)
+    first = {p: history.page(p, names, most=share, budget=bytes_share) for p, names in groups.items()}
+    room = limit - sum(len(r.events) for r in first.values())
+    budget = PAGE_BYTES - sum(_size(r.events) for r in first.values())
+    older: dict[int, list[HistoryEvent]] = {}
+    for p, replay in first.items():
+        if room <= 0 or budget <= 0 or replay.complete or not replay.events:
+            continue
+        more = history.page(p, groups[p], before=replay.events[0].seq, most=room, budget=budget)
+        older[p] = more.events
+        room -= len(more.events)
+        budget -= _size(more.events)
     events: list[tuple[int, Position, HistoryEvent]] = []
-    for p, replay in replays.items():
-        chosen = replay.events[len(replay.events) - keep[p] :] if keep[p] else []
-        events += [(p, Position(replay.epoch, e.seq), e) for e in chosen]
-    return Page(events, {p: Position(r.epoch, r.seq) for p, r in replays.items()})
+    for p, replay in first.items():
+        run = older.get(p, []) + replay.events
+        events += [(p, Position(replay.epoch, e.seq), e) for e in run]
+    return Page(events, {p: Position(r.epoch, r.seq) for p, r in first.items()})

@@ -6,6 +6,11 @@ whose stream count changed, and every TTL/3 it refreshes all of them, one
 script per partition. Each entry carries a deadline in Redis's own clock, so
 the count of a worker that died without cleaning up stops counting after
 `PRESENCE_TTL_SECONDS` and the key expires with it.
+
+When Redis is full (`maxmemory`), counts are not written (Redis refuses the
+script as a whole, up front) and are tried again on the next tick; streams are
+not affected, and a worker's counts lapse at their deadline as if it had gone.
+Removing a count frees memory, so that is allowed even then.
 """
 
 from __future__ import annotations
@@ -22,30 +27,37 @@ from typing import Any
 
 import redis
 from redis.cluster import RedisCluster
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, OutOfMemoryError
 
 from .core import Core, tag
 
 log = logging.getLogger("herald.stream.presence")
 
 # KEYS = presence hashes of one partition's channels; ARGV[1] = worker id,
-# ARGV[2] = TTL (ms), then one count per key (0: this worker has none any more).
+# ARGV[2] = TTL (ms), then one count (> 0) per key.
 # Field value: "<count> <deadline ms, Redis clock>".
-WRITE_LUA = """
+# The shebang (no `allow-oom`): refused as a whole, before any write, when
+# Redis is over its maxmemory.
+WRITE_LUA = """#!lua
 local now = redis.call('TIME')
 local deadline = now[1] * 1000 + math.floor(now[2] / 1000) + tonumber(ARGV[2])
 for i, key in ipairs(KEYS) do
-  local count = tonumber(ARGV[i + 2])
-  if count > 0 then
-    redis.call('HSET', key, ARGV[1], count .. ' ' .. deadline)
-    redis.call('PEXPIRE', key, ARGV[2])
-  else
-    redis.call('HDEL', key, ARGV[1])
-  end
+  redis.call('HSET', key, ARGV[1], ARGV[i + 2] .. ' ' .. deadline)
+  redis.call('PEXPIRE', key, ARGV[2])
 end
 return #KEYS
 """
 WRITE_SHA = hashlib.sha1(WRITE_LUA.encode()).hexdigest()
+
+# KEYS = presence hashes of one partition's channels where this worker has no
+# stream any more; ARGV[1] = worker id. Only deletes: allowed when Redis is full.
+FORGET_LUA = """#!lua flags=allow-oom
+for _, key in ipairs(KEYS) do
+  redis.call('HDEL', key, ARGV[1])
+end
+return #KEYS
+"""
+FORGET_SHA = hashlib.sha1(FORGET_LUA.encode()).hexdigest()
 
 
 def presence_key(partition: int, channel: str) -> str:
@@ -62,6 +74,7 @@ class Presence:
         self.worker = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._written: dict[tuple[int, str], int] = {}  # what Redis holds for this worker
         self._next_refresh = 0.0
+        self._full = False  # Redis refused the last write for memory (logged once)
 
     def counts(self, core: Core) -> dict[tuple[int, str], int]:
         """Streams per channel on this worker, now."""
@@ -80,9 +93,20 @@ class Presence:
             return
         try:
             self._write(due)
+        except OutOfMemoryError:
+            if not self._full:
+                log.warning(
+                    "Redis is full (maxmemory): presence counts are not written until it has room; "
+                    "streams are not affected"
+                )
+                self._full = True
+            return
         except (redis.RedisError, OSError) as exc:
             log.info("could not write presence (%s); retrying on the next tick", exc)
             return
+        if self._full:
+            log.warning("Redis has room again: presence counts are written")
+            self._full = False
         if now >= self._next_refresh:
             self._next_refresh = now + self._refresh
         self._written = counts
@@ -96,14 +120,28 @@ class Presence:
             self._written = {}
 
     def _write(self, due: dict[tuple[int, str], int]) -> None:
-        by_partition: dict[int, list[tuple[str, int]]] = {}
+        """Remove the counts that went to 0, then write the others (one script each per partition)."""
+        gone: dict[int, list[str]] = {}
+        kept: dict[int, list[tuple[str, int]]] = {}
         for (partition, channel), count in due.items():
-            by_partition.setdefault(partition, []).append((channel, count))
+            if count > 0:
+                kept.setdefault(partition, []).append((channel, count))
+            else:
+                gone.setdefault(partition, []).append(channel)
         client = self._client()
-        for partition, entries in by_partition.items():
+        for partition, channels in gone.items():
+            keys = [presence_key(partition, channel) for channel in channels]
+            self._run(client, FORGET_LUA, FORGET_SHA, keys, [self.worker])
+        for partition, entries in kept.items():
             keys = [presence_key(partition, channel) for channel, _ in entries]
             args: list[Any] = [self.worker, self._ttl_ms, *(count for _, count in entries)]
-            try:
-                client.evalsha(WRITE_SHA, len(keys), *keys, *args)
-            except NoScriptError:
-                client.eval(WRITE_LUA, len(keys), *keys, *args)
+            self._run(client, WRITE_LUA, WRITE_SHA, keys, args)
+
+    @staticmethod
+    def _run(
+        client: redis.Redis | RedisCluster, script: str, sha: str, keys: list[str], args: list[Any]
+    ) -> None:
+        try:
+            client.evalsha(sha, len(keys), *keys, *args)
+        except NoScriptError:
+            client.eval(script, len(keys), *keys, *args)

@@ -4,6 +4,10 @@ Frames are bytes, built once per event and shared by every subscriber. Field
 values can never break a frame: data is split into one `data:` line per line
 (CR, LF and CRLF all end a line for the browser), and CR, LF and NUL are refused
 in `id` and `event`, where the browser would end the field or ignore the id.
+
+`json_data` escapes U+2028, U+2029 and U+0085 in JSON data: browsers do not
+end a line on them, but some SSE parsers do (httpx-sse before 0.4.2 split
+lines with str.splitlines()), and a publisher could forge fields there.
 """
 
 from __future__ import annotations
@@ -12,6 +16,24 @@ import re
 
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 _FORBIDDEN = re.compile(rb"[\r\n\x00]")
+
+
+# UTF-8 of U+2028 LINE SEPARATOR, U+2029 PARAGRAPH SEPARATOR, U+0085 NEXT LINE,
+# and their JSON escapes. In valid UTF-8 these byte pairs and triples can only
+# be those characters (0xC2 and 0xE2 are lead bytes, never continuations).
+_SEPARATORS = ((b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"), (b"\xc2\x85", b"\\u0085"))
+
+
+def json_data(data: bytes) -> bytes:
+    """`data`, valid JSON, with U+2028, U+2029 and U+0085 written as JSON escapes.
+
+    In JSON those characters can only stand inside strings, where the escape
+    means the same character: the data still parses to the same value."""
+    if b"\xe2\x80" not in data and b"\xc2\x85" not in data:
+        return data  # the common case: one or two scans, no copy
+    for raw, escaped in _SEPARATORS:
+        data = data.replace(raw, escaped)
+    return data
 
 
 def _field(name: bytes, value: bytes) -> bytes:

@@ -7,9 +7,13 @@ chunk, when chunked), then closes the socket. No greenlet waits per stream: the
 request's greenlet ends at the handover.
 
 Writes never wait. What the socket takes at once is written; the rest is queued
-and written from the event loop as the socket drains. A stream whose queue
-passes the limit is cut (it comes back with its Last-Event-ID), so memory stays
-bounded however slow a client is.
+and written from the event loop as the socket drains. A slow client is one
+that does not drain (`Limits`, as Redis's output-buffer limits): its queue
+stays above the soft limit for longer than the grace time, or passes the hard
+limit. It is cut, and comes back with its Last-Event-ID. A burst that a reader
+takes in stride never cuts it, and memory stays bounded however slow a client is.
+While a stream catches up, its writer gets one page of history at a time
+(`send_page`), the next once the last is written out (`wait_drained`).
 
 Elsewhere (a server without the handover, the tests) a `YieldingWriter` queues
 frames for the response body to yield.
@@ -19,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import gevent
@@ -36,6 +42,39 @@ def chunk(data: bytes) -> bytes:
     return b"%X\r\n%b\r\n" % (len(data), data)
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """When a stream's client counts as slow: bytes queued for it above `soft`
+    for longer than `grace` seconds, or above `hard` at any moment."""
+
+    soft: int
+    hard: int
+    grace: float
+
+
+class Backlog:
+    """How long a writer's queue has been above the soft limit."""
+
+    __slots__ = ("_limits", "_over_since")
+
+    def __init__(self, limits: Limits) -> None:
+        self._limits = limits
+        self._over_since: float | None = None
+
+    def too_slow(self, queued: int, *, hard: bool = True) -> bool:
+        """True if a client with `queued` bytes waiting for it is too slow (see Limits)."""
+        if queued <= self._limits.soft:
+            self._over_since = None
+            return False
+        if hard and queued > self._limits.hard:
+            return True
+        now = time.monotonic()
+        if self._over_since is None:
+            self._over_since = now
+            return False
+        return now - self._over_since > self._limits.grace
+
+
 class SocketWriter:
     """Writes one stream's response to its socket, without ever waiting.
 
@@ -48,11 +87,11 @@ class SocketWriter:
     __slots__ = (
         "_backlog",
         "_keep",
-        "_limit",
         "_on_end",
         "_out",
         "_pending",
         "_pending_bytes",
+        "_progress",
         "_raw",
         "_reader",
         "_sock",
@@ -60,16 +99,14 @@ class SocketWriter:
         "ended",
     )
 
-    def __init__(self, sock: Any, *, chunked: bool, limit_bytes: int, on_end: Callable[[str], None]) -> None:
+    def __init__(self, sock: Any, *, chunked: bool, limits: Limits, on_end: Callable[[str], None]) -> None:
         self._sock = sock
         # The plain non-blocking socket under gevent's wrapper: written from the
         # event loop, where nothing may wait.
         self._raw: socket.socket = getattr(sock, "_sock", sock)
         self._keep: Any = None
-        self._limit = limit_bytes
-        # The part of the first write (head and catch-up) still queued: however
-        # long a replay is, it does not count against the limit for live events.
-        self._backlog = 0
+        self._backlog = Backlog(limits)
+        self._progress: Event | None = None  # set on each write, while someone waits to drain
         self._on_end = on_end
         self._pending: list[bytes] = []
         self._pending_bytes = 0
@@ -88,11 +125,26 @@ class SocketWriter:
         # readable only when the client hangs up.
         self._reader = loop.io(self._raw.fileno(), READ)
         self._reader.start(self._readable)
-        self._backlog = 1 << 62  # while the first write is queued
-        self.send(head + (chunk(body) if self.chunked and body else body))
-        self._backlog = self._pending_bytes
+        self.send(head + (chunk(body) if self.chunked and body else body), hard=False)
 
-    def send(self, data: bytes) -> bool:
+    def send_page(self, page: bytes) -> bool:
+        """Write one page of a catch-up. The caller sends one at a time, after
+        `wait_drained`, so a page is held to the grace time but not the hard limit."""
+        return not page or self.send(chunk(page) if self.chunked else page, hard=False)
+
+    def wait_drained(self, patience: float) -> bool:
+        """Wait until everything queued is written out: True then; False if the
+        writer ended, or no byte was written for `patience` seconds."""
+        while self._pending and not self.ended:
+            self._progress = progress = Event()
+            try:
+                if not progress.wait(patience):
+                    return False
+            finally:
+                self._progress = None
+        return not self.ended
+
+    def send(self, data: bytes, *, hard: bool = True) -> bool:
         """Write `data` (already framed for this writer) or queue it; False if ended."""
         if self.ended:
             return False
@@ -109,7 +161,7 @@ class SocketWriter:
             data = data[sent:]
         self._pending.append(data)
         self._pending_bytes += len(data)
-        if self._pending_bytes > self._limit + self._backlog:
+        if self._backlog.too_slow(self._pending_bytes, hard=hard):
             self._finish("slow")
             return False
         if self._out is None:
@@ -122,9 +174,12 @@ class SocketWriter:
         return self.send(chunk(frame) if self.chunked else frame)
 
     def beat(self) -> None:
-        """A heartbeat, unless bytes are still queued (the client is not idle)."""
+        """A heartbeat, unless bytes are still queued (the client is not idle);
+        then, a client over the soft limit for the grace time is cut."""
         if not self._pending:
             self.send_frame(HEARTBEAT)
+        elif self._backlog.too_slow(self._pending_bytes, hard=False):
+            self._finish("slow")
 
     def end(self, frame: bytes = b"") -> None:
         """End the response (after `frame`, if any) and close the connection.
@@ -153,7 +208,9 @@ class SocketWriter:
         rest = data[sent:]
         self._pending = [rest] if rest else []
         self._pending_bytes = len(rest)
-        self._backlog = min(self._backlog, len(rest))
+        self._backlog.too_slow(len(rest), hard=False)  # below the soft limit: the clock stops
+        if sent and self._progress is not None:
+            self._progress.set()
         if not rest and self._out is not None:
             self._out.stop()
             self._out = None
@@ -185,6 +242,8 @@ class SocketWriter:
         self.ended = reason
         self._pending = []
         self._pending_bytes = 0
+        if self._progress is not None:
+            self._progress.set()
         for watcher in (self._reader, self._out):
             if watcher is not None:
                 watcher.stop()
@@ -202,12 +261,12 @@ class YieldingWriter:
     """A writer for servers without the handover: frames wait in a queue for the
     response body to yield them; the server frames the response."""
 
-    __slots__ = ("_items", "_limit", "_on_end", "_queued", "_wakeup", "chunked", "ended")
+    __slots__ = ("_backlog", "_items", "_on_end", "_queued", "_wakeup", "chunked", "ended")
 
-    def __init__(self, *, limit_bytes: int, on_end: Callable[[str], None]) -> None:
+    def __init__(self, *, limits: Limits, on_end: Callable[[str], None]) -> None:
         self._items: list[bytes] = []
         self._queued = 0
-        self._limit = limit_bytes
+        self._backlog = Backlog(limits)
         self._on_end = on_end
         self._wakeup = Event()
         self.chunked = 0
@@ -218,7 +277,7 @@ class YieldingWriter:
             return False
         self._items.append(data)
         self._queued += len(data)
-        if self._queued > self._limit:
+        if self._backlog.too_slow(self._queued):
             self.ended = "slow"
             self._wakeup.set()
             gevent.spawn(self._on_end, "slow")
@@ -232,6 +291,10 @@ class YieldingWriter:
     def beat(self) -> None:
         if not self._items:
             self.send(HEARTBEAT)
+        elif self._backlog.too_slow(self._queued, hard=False):
+            self.ended = "slow"
+            self._wakeup.set()
+            gevent.spawn(self._on_end, "slow")
 
     def end(self, frame: bytes = b"") -> None:
         if self.ended:

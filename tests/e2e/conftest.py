@@ -77,21 +77,46 @@ def _require_docker_and_compose() -> None:
     pytest.skip(problem)
 
 
+# A second origin (another loopback port) for the cross-origin tests
+# (test_cross_origin.py): its port is picked before the stack starts, so that
+# the stack's CORS_ALLOWED_ORIGINS can list it.
+CROSS_ORIGIN_PORT = free_port()
+CROSS_ORIGIN = f"http://127.0.0.1:{CROSS_ORIGIN_PORT}"
+
 # Small timings so the suite is quick; a token so /publish is not open.
 E2E_SETTINGS = {
     "HERALD_BIND": "127.0.0.1",
     "PUBLISH_TOKEN": "e2e-token-" + secrets.token_hex(4),
     # Private channels on (subscribe tokens signed with it).
     "SUBSCRIBE_SECRET": "e2e-secret-" + secrets.token_hex(16),
+    "CORS_ALLOWED_ORIGINS": CROSS_ORIGIN,
     "HEARTBEAT_SECONDS": "2",
     "RETRY_MS": "500",
     "WATCHDOG_SECONDS": "3",
     "MAX_BODY_BYTES": "262144",
+    # A quarter of it, as the defaults (1 MiB, 256 KiB): a batch is well over a
+    # client's buffer (tests/e2e/test_bounded_work.py).
+    "CLIENT_BUFFER_BYTES": "65536",
     "PUBLISH_RATE": "100r/s",
     "PUBLISH_BURST": "200",
     "GRACEFUL_TIMEOUT": "5",
     "STOP_GRACE_PERIOD": "10s",
     "LOG_LEVEL": "info",
+    # test_capacity.py opens 5,000 streams from one address (nginx's loopback);
+    # the limits per address are tested on the front_door stack below.
+    "STREAMS_PER_IP": "10000",
+}
+
+# The front door's limits per client address, small enough to reach in a test
+# (tests/e2e/test_front_door.py, test_log_secrets.py). Every test of that stack
+# is "another client" by X-Forwarded-For, which nginx believes from the Docker
+# networks the host's requests come from (REAL_IP_FROM, commas and spaces).
+FRONT_DOOR_SETTINGS = {
+    "STREAMS_PER_IP": "3",
+    "NGINX_MAX_STREAMS": "6",
+    "READ_RATE": "1r/s",
+    "READ_BURST": "4",
+    "REAL_IP_FROM": "10.0.0.0/8, 172.16.0.0/12 192.168.0.0/16",
 }
 
 
@@ -163,6 +188,13 @@ def _tear_down(the_stack: Stack, workdir: Path) -> None:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The whole stack as E2E_SETTINGS configure it, shared by the session."""
     with running_stack(tmp_path_factory.mktemp("herald-e2e")) as the_stack:
+        yield the_stack
+
+
+@pytest.fixture(scope="session")
+def front_door(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A stack with FRONT_DOOR_SETTINGS, shared by the tests of the front door's limits."""
+    with running_stack(tmp_path_factory.mktemp("herald-e2e-front-door"), FRONT_DOOR_SETTINGS) as the_stack:
         yield the_stack
 
 

@@ -1,69 +1,27 @@
 """The demo page in headless Chromium, through nginx.
 
-Needs Debian's chromium and chromium-driver (apt-get install chromium
-chromium-driver) and selenium; skipped without them, except in CI.
-HERALD_CHROMIUM / HERALD_CHROMEDRIVER point at other binaries.
+Needs Debian's chromium and chromium-driver and selenium (tests/e2e/browser.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from tests.e2e.browser import headless_chromium
 from tests.e2e.support import Stack, wait_until
-from tests.support.docker import in_ci
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
 
-def _binaries() -> tuple[str, str]:
-    chromium = os.environ.get("HERALD_CHROMIUM") or next(
-        (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None
-    )
-    driver = os.environ.get("HERALD_CHROMEDRIVER") or shutil.which("chromedriver")
-    problem = None
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        problem = "selenium is not installed"
-    if not chromium or not driver:
-        problem = "headless Chromium and chromedriver are needed (apt-get install chromium chromium-driver)"
-    if problem:
-        if in_ci():
-            pytest.fail(problem + " (CI must provide them)", pytrace=False)
-        pytest.skip(problem)
-    assert chromium and driver
-    return chromium, driver
-
-
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    chromium, driver_path = _binaries()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for argument in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-dev-shm-usage",
-        "--disable-gpu",
-        "--window-size=1200,900",
-    ):
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    try:
+    with headless_chromium("--window-size=1200,900") as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def _by_id(browser: Any, element_id: str) -> Any:

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.browser import headless_chromium
 from tests.e2e.support import Stack, wait_until
-from tests.e2e.test_browser import _binaries
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
@@ -37,21 +37,8 @@ import('/herald.js').then(({ subscribe }) => {
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    chromium, driver_path = _binaries()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # console.log too
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    driver.set_script_timeout(30)
-    try:
+    with headless_chromium(script_timeout=30) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def fresh_page(stack: Stack, browser: Any) -> None:

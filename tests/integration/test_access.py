@@ -149,7 +149,8 @@ def test_cors_exact_origins_get_credentials_and_wildcard_never_does(
 def test_no_cors_headers_for_origins_not_allowed(start: Callable[..., Service], channel: str) -> None:
     pub = start("publisher", CORS_ALLOWED_ORIGINS="https://app.example")
     answer = post_events(pub.url, {"channel": channel, "data": 1}, headers={"Origin": "https://evil.example"})
-    assert answer.status_code == 202
+    # Refused outright (docs/api.md, "Who may publish"), and without CORS headers.
+    assert answer.status_code == 403 and answer.json()["error"] == "cross_site"
     assert "Access-Control-Allow-Origin" not in answer.headers
 
 

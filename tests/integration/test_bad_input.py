@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
+from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 import redis
 import requests
@@ -17,7 +19,8 @@ from hypothesis import strategies as st
 
 from tests.conftest import post_events
 from tests.support import keys
-from tests.support.services import Service
+from tests.support import strict_input as strict
+from tests.support.services import Service, start_service
 from tests.support.sse_client import SSEClient, open_stream
 
 PREFIX = "prop." + uuid.uuid4().hex[:8]
@@ -196,5 +199,211 @@ def test_malformed_stream_requests_get_4xx_and_the_worker_keeps_serving(
         assert client.status == 200
         sent = post_events(publisher.url, {"channel": channel, "data": "still serving"}).json()["id"]
         assert [e.id for e in client.wait_events(1)] == [sent]
+    finally:
+        client.close()
+
+
+# -- every request parameter of both services (issue 16: strict parsing) -------------
+#
+# Unicode digits, huge values, repeated parameters, percent-encoded names, odd
+# bytes, in every parameter and header /stream, /history, /publish and
+# /channels/<x> read: never a 5xx, and every 4xx a JSON error.
+
+STRICT_SECRET = "strict-input-secret-" + uuid.uuid4().hex
+STRICT_ORIGIN = "https://app.example"
+
+
+def signed(claims: dict[str, Any]) -> str:
+    return jwt.encode(claims, STRICT_SECRET, algorithm="HS256")
+
+
+FAR = 4102444800  # 2100-01-01
+subscribe_tokens = st.sampled_from(
+    [
+        signed({"channels": ["private-x"], "exp": FAR}),
+        signed({"channels": ["private-*"], "exp": FAR}),
+        signed({"channels": ["private-x"], "exp": "9999999999"}),
+        signed({"channels": ["private-x"], "exp": 1e300}),
+        signed({"channels": ["private-x"]}),
+        signed({"channels": ["private-x"], "exp": FAR, "nbf": "0", "iat": []}),
+        signed({"channels": "private-x", "exp": FAR}),
+        signed({"channels": [["private-x"]], "exp": FAR}),
+        signed({"channels": ["private-[x]", "private-?"], "exp": FAR, "aud": "x"}),
+        jwt.encode({"channels": ["private-x"], "exp": FAR}, "another-secret-" + "0" * 32, algorithm="HS256"),
+        jwt.encode({"channels": ["private-x"], "exp": FAR}, "", algorithm="none"),
+    ]
+)
+
+
+@pytest.fixture(scope="module")
+def strict_stream(redis_url: str, logs_dir: Path) -> Iterator[Service]:
+    """A stream service with private channels and CORS on."""
+    service = start_service(
+        "stream",
+        redis_url,
+        logs_dir,
+        SUBSCRIBE_SECRET=STRICT_SECRET,
+        CORS_ALLOWED_ORIGINS=STRICT_ORIGIN,
+        HEARTBEAT_SECONDS="1",
+    )
+    yield service
+    service.stop()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(call=strict.stream_calls(subscribe_tokens))
+def test_any_stream_request_is_answered_200_or_json_4xx(strict_stream: Service, call: strict.Call) -> None:
+    strict.check_answer(call, call.send(strict_stream.url))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(call=strict.history_calls(subscribe_tokens))
+def test_any_history_request_is_answered_200_or_json_4xx(strict_stream: Service, call: strict.Call) -> None:
+    strict.check_answer(call, call.send(strict_stream.url))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(call=strict.publish_calls(CHANNELS))
+def test_any_publish_form_key_or_content_type_is_answered_2xx_or_json_4xx(
+    publisher: Service, call: strict.Call
+) -> None:
+    strict.check_answer(call, call.send(publisher.url))
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(call=strict.channel_calls())
+def test_any_presence_request_is_answered_2xx_or_json_4xx(publisher: Service, call: strict.Call) -> None:
+    strict.check_answer(call, call.send(publisher.url))
+
+
+@pytest.mark.parametrize(
+    ("query", "code"),
+    [
+        ("channel=a&limit=%C2%B2", "invalid_limit"),  # '²': was a 500
+        ("channel=a&limit=%D9%A3", "invalid_limit"),  # Arabic-Indic three
+        ("channel=a&limit=%EF%BC%91", "invalid_limit"),  # full-width one
+        ("channel=a&limit=" + "9" * 400, "invalid_limit"),
+        ("channel=a&limit=1&limit=2", "duplicate_parameter"),
+        ("channel=a&after=000000000000-1&after=000000000000-2", "duplicate_parameter"),
+        ("channel=a&token=x&tok%65n=y", "duplicate_parameter"),
+        ("channel=a&after=000000000000-%C2%B2", "invalid_after"),
+    ],
+)
+def test_history_numbers_are_ascii_and_single(strict_stream: Service, query: str, code: str) -> None:
+    answer = requests.get(f"{strict_stream.url}/history?{query}", timeout=5)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"] == code
+
+
+@pytest.mark.parametrize(
+    ("query", "code"),
+    [
+        ("channel=a&lastEventId=000000000000-%C2%B2", "invalid_last_event_id"),
+        ("channel=a&lastEventId=000000000000-1&lastEventId=000000000000-2", "duplicate_parameter"),
+        ("channel=private-x&token=a&token=b", "duplicate_parameter"),
+    ],
+)
+def test_stream_numbers_are_ascii_and_single(strict_stream: Service, query: str, code: str) -> None:
+    answer = requests.get(f"{strict_stream.url}/stream?{query}", timeout=5)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"] == code
+
+
+def test_a_string_exp_no_longer_opens_a_never_ending_stream(strict_stream: Service) -> None:
+    for claims in ({"channels": ["private-x"], "exp": "9999999999"}, {"channels": ["private-x"]}):
+        answer = requests.get(
+            f"{strict_stream.url}/stream?channel=private-x",
+            headers={"Authorization": f"Bearer {signed(claims)}"},
+            timeout=5,
+        )
+        assert answer.status_code == 401 and answer.json()["error"] == "invalid_token", claims
+    narrow = signed({"channels": ["private-x1*"], "exp": FAR})
+    ok = SSEClient(f"{strict_stream.url}/stream?channel=private-x10", {"Authorization": f"Bearer {narrow}"})
+    try:
+        assert ok.start().status == 200  # a trailing * is a prefix
+    finally:
+        ok.close()
+    literal = signed({"channels": ["private-x?", "private-x[0-9]"], "exp": FAR})
+    refused = requests.get(
+        f"{strict_stream.url}/stream?channel=private-x1",
+        headers={"Authorization": f"Bearer {literal}"},
+        timeout=5,
+    )
+    assert refused.status_code == 403 and refused.json()["error"] == "forbidden_channel"
+
+
+def test_a_short_subscribe_secret_stops_the_service_at_start(redis_url: str, logs_dir: Path) -> None:
+    with pytest.raises(RuntimeError) as failed:
+        start_service("stream", redis_url, logs_dir, ready=False, SUBSCRIBE_SECRET="too-short")
+    assert "SUBSCRIBE_SECRET must be at least 32 bytes" in str(failed.value)
+
+
+def test_audience_and_issuer_when_configured(start: Callable[..., Service]) -> None:
+    service = start(
+        "stream", SUBSCRIBE_SECRET=STRICT_SECRET, SUBSCRIBE_AUDIENCE="herald", SUBSCRIBE_ISSUER="app"
+    )
+    good = {"channels": ["private-x"], "exp": FAR, "aud": "herald", "iss": "app"}
+    for claims, status in [
+        (good, 200),
+        ({**good, "aud": "other"}, 401),
+        ({**good, "iss": "other"}, 401),
+        ({k: v for k, v in good.items() if k != "aud"}, 401),
+    ]:
+        client = SSEClient(
+            f"{service.url}/stream?channel=private-x", {"Authorization": f"Bearer {signed(claims)}"}
+        )
+        try:
+            assert client.start().status == status, claims
+        finally:
+            client.close()
+
+
+@pytest.mark.parametrize("path", ["/stream?channel=private-x", "/history?channel=private-x"])
+def test_cors_preflight_for_headers(strict_stream: Service, path: str) -> None:
+    preflight = requests.options(
+        f"{strict_stream.url}{path}",
+        headers={
+            "Origin": STRICT_ORIGIN,
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization, last-event-id",
+        },
+        timeout=5,
+    )
+    assert preflight.status_code == 204
+    assert preflight.headers["Access-Control-Allow-Origin"] == STRICT_ORIGIN
+    assert preflight.headers["Access-Control-Allow-Headers"] == "Authorization, Last-Event-ID"
+    assert preflight.headers["Access-Control-Allow-Methods"] == "GET, HEAD"
+    assert int(preflight.headers["Access-Control-Max-Age"]) >= 60
+    other = requests.options(
+        f"{strict_stream.url}{path}",
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"},
+        timeout=5,
+    )
+    assert other.status_code == 403 and other.json()["error"] == "origin_not_allowed"
+    assert "Access-Control-Allow-Origin" not in other.headers
+    # A refusal is readable from the allowed origin, its Retry-After too.
+    refused = requests.get(f"{strict_stream.url}{path}", headers={"Origin": STRICT_ORIGIN}, timeout=5)
+    assert refused.status_code == 401
+    assert refused.headers["Access-Control-Allow-Origin"] == STRICT_ORIGIN
+    assert refused.headers["Access-Control-Expose-Headers"] == "Retry-After"
+
+
+def test_line_separators_in_data_are_escaped_on_the_wire(
+    stream: Service, redis_client: redis.Redis, channel: str
+) -> None:
+    """Written straight to Redis (past the publisher's own escaping): raw U+2028,
+    U+2029 and U+0085 inside a JSON string leave as JSON escapes."""
+    client = open_stream(stream.url, [channel])
+    try:
+        epoch = client.last_id.rsplit("-", 1)[0]
+        seq = redis_client.hincrby(keys.meta_key(channel), "seq", 1)
+        data = json.dumps({"s": "a\u2028event: forged\u2029id: 1\u0085b"}, ensure_ascii=False)
+        redis_client.spublish(keys.live_key(channel), f"{epoch} {seq} message {data}".encode())
+        (event,) = client.wait_events(1)
+        assert event.data == data.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace(
+            "\u0085", "\\u0085"
+        )
+        assert json.loads(event.data) == json.loads(data)
+        assert event.event == "message" and event.id == f"{epoch}-{seq}"
     finally:
         client.close()

@@ -33,6 +33,7 @@ from tests.support.sse_client import SSEClient, open_stream
 # With one partition, every channel's (crc32 mod 1 = 0): partition 0.
 META = keys.meta_key("")
 CHANNELS = keys.channels_key("")
+EXPIRIES = keys.expiries_key("")
 EPOCH_RE = re.compile(r"[0-9a-f]{12}")
 
 
@@ -117,8 +118,13 @@ def test_publisher_writes_meta_streams_and_channel_heads(
             prev = entry_seq
         # The channels hash holds each channel's newest seq.
         assert redis_client.hget(CHANNELS, name) == str(prev).encode()
-        # The default HISTORY_TTL_SECONDS (7 days) is set on the stream at each publish.
+        # The default HISTORY_TTL_SECONDS (7 days) is set on the stream at each publish,
+        # and the expiries set has when (ms, Redis's clock); a channel leaves the index
+        # once that has passed (tests/integration/test_redis_memory.py, on a Redis of its own).
         assert 0 < redis_client.ttl(stream_key(name)) <= 604800
+        now_ms = int(redis_client.time()[0]) * 1000
+        expires = redis_client.zscore(EXPIRIES, name)
+        assert expires is not None and now_ms < expires <= now_ms + 604800 * 1000 + 1000
 
 
 def test_live_message_is_epoch_seq_event_data(
@@ -243,7 +249,8 @@ def contract_publish(
     MULTI/EXEC instead of the publisher's Lua script: WATCH the partition's two
     hashes, read the epoch, the next seq and the channel's previous seq, then
     queue HINCRBY, HSET, XADD and SPUBLISH; if anything changed in between, EXEC
-    fails and we retry.
+    fails and we retry. A channel the index does not hold names the partition's
+    `forgotten` (or 0) as its previous event.
     """
     p = d.partitions
     meta_key, channels_key = keys.meta_key(channel, p), keys.channels_key(channel, p)
@@ -253,9 +260,9 @@ def contract_publish(
     result: dict[str, Any] = {}
 
     def write(pipe: Pipeline) -> None:
-        current: Any = pipe.hmget(meta_key, "epoch", "seq")
-        epoch_b, seq_b = current
-        prev = int(pipe.hget(channels_key, channel) or 0)
+        current: Any = pipe.hmget(meta_key, "epoch", "seq", "forgotten")
+        epoch_b, seq_b, forgotten = current
+        prev = int(pipe.hget(channels_key, channel) or forgotten or 0)
         epoch, seq = epoch_b.decode(), int(seq_b or 0) + 1
         pipe.multi()
         pipe.hsetnx(meta_key, "epoch", epoch)

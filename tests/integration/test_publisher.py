@@ -785,7 +785,7 @@ def test_keep_alive_connections_get_one_write_per_answer_and_do_not_hold_up_a_st
     pub = start("publisher", GRACEFUL_TIMEOUT="10")
     body = json.dumps({"channel": channel, "data": 1}).encode()
     request = (
-        b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /publish HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
     )
     idle = []

@@ -141,6 +141,49 @@ def test_events_are_stored_by_the_masters_owning_their_partitions(
     assert ready.status_code == 200 and ready.json() == {"status": "ready"}
 
 
+def test_expired_channels_leave_the_index_on_every_master(cluster: Cluster, logs_dir: Path) -> None:
+    """The sweep reads and deletes keys of the partition's slot that the script
+    was not given (the expired channels' streams): allowed on a cluster node, as
+    they share the slot. (docs/redis-contract.md, "Expired channels".)"""
+    service = start_service(
+        "publisher", cluster.url, logs_dir, REDIS_MODE="cluster", PARTITIONS=str(P), HISTORY_TTL_SECONDS="1"
+    )
+    client = cluster.client()
+    prefix = f"t.{uuid.uuid4().hex[:8]}"
+    by_master = one_channel_per_master(client, prefix)
+    metas = [keys.meta_key(c, P) for c in by_master.values()]
+    forgotten_before = [client.hget(m, "forgotten") for m in metas]
+    try:
+        for channel in by_master.values():
+            assert post_events(service.url, {"channel": channel, "data": 1}).status_code == 202
+        gone = list(by_master.values())
+        deadline = time.monotonic() + 10
+        while any(client.exists(keys.stream_key(c, P)) for c in gone) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for channel in gone:
+            # Another channel of the same partition publishes: the sweep runs there.
+            other = next(
+                name
+                for name in (f"{channel}.{i}" for i in range(1000))
+                if keys.partition(name, P) == keys.partition(channel, P)
+            )
+            assert post_events(service.url, {"channel": other, "data": 2}).status_code == 202
+            assert not client.hexists(keys.channels_key(channel, P), channel)
+            assert client.zscore(keys.expiries_key(channel, P), channel) is None
+            assert client.zscore(keys.expiries_key(channel, P), other) is not None
+    finally:
+        # Leave the shared cluster's `forgotten` as it was (other tests expect `prev` 0
+        # for a channel's first event).
+        for meta, before in zip(metas, forgotten_before, strict=True):
+            if before is None:
+                client.hdel(meta, "forgotten")
+            else:
+                client.hset(meta, "forgotten", before)
+        client.close()
+        service.stop()
+    assert "Traceback" not in service.log()
+
+
 def test_a_partition_moved_to_another_master_is_followed(cluster: Cluster, publisher: Service) -> None:
     """ASK while its slot migrates, MOVED once it has: both are followed, no answer is a 503."""
     client = cluster.client()

@@ -509,6 +509,7 @@ class Bench:
             for tag, fields in by_tag.items():
                 for i in range(0, len(fields), 1000):
                     client.hdel(f"{tag}:channels", *fields[i : i + 1000])
+                    client.zrem(f"{tag}:expiries", *fields[i : i + 1000])
         finally:
             client.close()
 

@@ -63,6 +63,8 @@ def bench_settings(project: str, port: int, max_connections: int) -> dict[str, s
         "HERALD_PORT": str(port),
         "PUBLISH_RATE": "100000r/s",
         "PUBLISH_BURST": "100000",
+        # Every bench client is one address: lift the per-address stream limit.
+        "STREAMS_PER_IP": "65535",
         "MAX_CONNECTIONS": str(max_connections),
         "PUBLISH_TOKEN": "",
     }

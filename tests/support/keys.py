@@ -63,3 +63,8 @@ def channels_in_one_partition(prefix: str, count: int, partitions: int) -> list[
             names.append(name)
         i += 1
     return names
+
+
+def expiries_key(channel: str, partitions: int = 1) -> str:
+    """The sorted set of channels by when their history expires (ms, Redis clock)."""
+    return f"{tag(channel, partitions)}:expiries"

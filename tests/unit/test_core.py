@@ -339,6 +339,25 @@ def test_held_replayed_and_live_events_reach_a_stream_once_each_in_order() -> No
     assert world.core.channels[key("a")].state is ChannelState.LIVE
 
 
+def test_a_long_gap_is_read_in_pages_before_the_partition_goes_live() -> None:
+    world = World()
+    client = world.live("a", "b")
+    world.do(world.core.connection_lost())
+    world.connect(seq=5)
+    world.message("a", 6, "six (held)")
+    world.confirm("a", "b")
+    (gap,) = world.gaps
+    assert gap.after == Position(EPOCH, 0)
+    first = Replay(EPOCH, 6, [event(1, "a", "one"), event(2, "b", "two")], complete=False)
+    world.do(world.core.gap_read(0, first))
+    assert client.data == ["one", "two"] and len(world.gaps) == 2  # the next page is asked for
+    assert world.gaps[-1].after == Position(EPOCH, 2) and set(world.gaps[-1].channels) == {"a", "b"}
+    assert world.core.channels[key("a")].state is not ChannelState.LIVE
+    world.do(world.core.gap_read(0, Replay(EPOCH, 6, [event(4, "a", "four"), event(5, "b", "five")])))
+    assert client.data == ["one", "two", "four", "five", "six (held)"]
+    assert world.core.channels[key("a")].state is ChannelState.LIVE and len(world.gaps) == 2
+
+
 def test_streams_opened_while_disconnected_wait_and_are_subscribed_on_connect() -> None:
     world = World()
     client = world.open("a")
@@ -458,15 +477,62 @@ def test_a_stream_that_already_reset_to_the_new_epoch_skips_the_workers_reset() 
 # -- limits, time and the end --------------------------------------------------------
 
 
-def test_a_stream_whose_queue_overflows_while_catching_up_is_cut() -> None:
+def test_a_queue_overflow_while_catching_up_reads_history_again_instead_of_cutting() -> None:
     world = World(queue_limit=500)
     world.live("a")
     late = world.open("a", resume=Position(EPOCH, 0))
-    for seq in range(1, 20):
-        world.message("a", seq, "x" * 40)
-    assert late.ended == "slow" and state(late) is StreamState.CLOSED
-    assert late.stream not in world.core.streams
-    assert world.core.caught_up(late.stream, {0: Replay(EPOCH, 0)}).startswith(world.core.preamble)
+    request = world.core.next_read(late.stream)  # the first read begins...
+    assert request is not None and request.after == {0: Position(EPOCH, 0)}
+    for seq in range(1, 20):  # ...while 19 events (over the queue's bound) arrive live
+        world.message("a", seq, f"e{seq}")
+    assert late.ended is None and state(late) is StreamState.CATCHING_UP
+    assert late.stream.queued_bytes <= 500
+    # That read saw events 1-5 only: the queue lost some of 6-19, so history is read again.
+    late.feed(
+        world.core.caught_up(
+            late.stream, {0: Replay(EPOCH, 5, [event(s, "a", f"e{s}") for s in range(1, 6)])}
+        )
+    )
+    assert state(late) is StreamState.CATCHING_UP
+    again = world.core.next_read(late.stream)
+    assert again is not None and again.after == {0: Position(EPOCH, 5)} and again.check
+    late.feed(
+        world.core.replayed(
+            late.stream, {0: Replay(EPOCH, 19, [event(s, "a", f"e{s}") for s in range(6, 20)])}
+        )
+    )
+    assert state(late) is StreamState.LIVE
+    world.message("a", 20, "e20")
+    assert late.data == [f"e{s}" for s in range(1, 21)]
+
+
+def test_a_page_that_stops_short_is_read_on_from_its_last_event() -> None:
+    world = World()
+    world.live("a", "b")
+    late = world.open("a", "b", resume=Position(EPOCH, 0))
+    world.message("a", 7, "live")  # queued while it catches up
+    first = Replay(EPOCH, 6, [event(1, "a", "one"), event(2, "b", "two")], complete=False)
+    late.feed(world.core.caught_up(late.stream, {0: first}))
+    assert state(late) is StreamState.CATCHING_UP
+    request = world.core.next_read(late.stream)
+    assert request is not None and request.after == {0: Position(EPOCH, 2)}
+    assert set(request.channels[0]) == {"a", "b"}
+    rest = Replay(EPOCH, 6, [event(4, "a", "four"), event(6, "b", "six")])
+    late.feed(world.core.replayed(late.stream, {0: rest}))
+    assert state(late) is StreamState.LIVE and world.core.next_read(late.stream) is None
+    assert late.data == ["one", "two", "four", "six", "live"]
+
+
+def test_a_stream_that_ends_while_catching_up_gets_nothing_more() -> None:
+    world = World()
+    world.live("a")
+    late = world.open("a", resume=Position(EPOCH, 0))
+    late.feed(
+        world.core.caught_up(late.stream, {0: Replay(EPOCH, 9, [event(1, "a", "one")], complete=False)})
+    )
+    world.leave(late)
+    assert world.core.replayed(late.stream, {0: Replay(EPOCH, 9, [event(2, "a", "two")])}) == b""
+    assert world.core.next_read(late.stream) is None and late.data == ["one"]
 
 
 def test_a_tick_beats_live_streams_and_ends_expired_ones() -> None:

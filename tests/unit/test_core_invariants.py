@@ -4,7 +4,10 @@ A small Redis model holds history and, per partition, a sequence and a Pub/Sub
 connection that delivers, in order, subscribe confirmations and the messages
 published after a SUBSCRIBE took effect. Hypothesis interleaves publishes,
 streams opening and leaving (over one partition or several), replies arriving,
-history reads, and each partition's connection dropping and coming back. After
+history reads (a page at a time, begun and answered at different moments,
+with a queue bound small enough to overflow while a stream catches up),
+fresh streams and resumed ones, and each partition's connection dropping and
+coming back. After
 every step and once everything has settled, it checks what Centrifugo's stress
 tests check: no stream gets an event twice or out of order (per partition), a
 settled live stream has every event of its channels since its start, and Redis
@@ -26,9 +29,11 @@ from stream.core import (
     Deliver,
     End,
     HistoryEvent,
+    Position,
     ReadGap,
     Replay,
     Reset,
+    ResumeId,
     Stream,
     StreamState,
     Subscribe,
@@ -91,6 +96,7 @@ class Client:
         self.parser = SSEParser()
         self.seqs: dict[int, list[int]] = {p: [] for p in range(PARTS)}
         self.start: dict[int, int] | None = None  # the position its stream started from
+        self.read_once = False  # its first history read arrived
 
     def feed(self, data: bytes) -> None:
         for frame in self.parser.feed(data):
@@ -113,11 +119,13 @@ class Client:
 class CoreMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.core = Core(max_streams=100, queue_limit_bytes=1 << 20, retry_ms=1000, partitions=PARTS)
+        # A queue bound of about two events: it overflows while streams catch up.
+        self.core = Core(max_streams=100, queue_limit_bytes=100, retry_ms=1000, partitions=PARTS)
         self.redis = RedisModel()
         self.clients: list[Client] = []
         self.ended: list[Client] = []
         self.gaps: dict[int, ReadGap] = {}
+        self.reads: dict[Stream, dict[int, Replay] | None] = {}  # begun, not answered yet
 
     # -- the adapters ---------------------------------------------------------------
 
@@ -134,19 +142,33 @@ class CoreMachine(RuleBasedStateMachine):
                 client = self.client(action.stream)
                 self.clients.remove(client)
                 self.ended.append(client)
+                self.reads.pop(action.stream, None)
 
     def client(self, stream: Stream) -> Client:
         return next(c for c in self.clients if c.stream is stream)
 
-    def catch_up(self, client: Client) -> None:
-        request = client.stream.history
+    def begin_read(self, client: Client, page: int) -> None:
+        """The adapter starts a history read for `client`: one atomic page per partition."""
+        request = self.core.next_read(client.stream)
         replays = None
         if request is not None:
-            replays = {
-                p: Replay(EPOCHS[p], self.redis.seq[p], self.redis.read(p, request.channels[p], after.seq))
-                for p, after in request.after.items()
-            }
-        client.feed(self.core.caught_up(client.stream, replays))
+            replays = {}
+            for p, after in request.after.items():
+                if not request.check:  # only the partition's position, as the hub reads it
+                    replays[p] = Replay(EPOCHS[p], self.redis.seq[p])
+                    continue
+                events = self.redis.read(p, request.channels[p], after.seq)
+                replays[p] = Replay(EPOCHS[p], self.redis.seq[p], events[:page], complete=len(events) <= page)
+        self.reads[client.stream] = replays
+
+    def answer_read(self, client: Client) -> None:
+        """The read begun for `client` returns."""
+        replays = self.reads.pop(client.stream)
+        if client.read_once:
+            client.feed(self.core.replayed(client.stream, replays or {}))
+        else:
+            client.read_once = True
+            client.feed(self.core.caught_up(client.stream, replays))
 
     # -- rules ----------------------------------------------------------------------
 
@@ -154,10 +176,20 @@ class CoreMachine(RuleBasedStateMachine):
     def publish(self, channel: str) -> None:
         self.redis.publish(channel)
 
-    @rule(channels=st.sets(st.sampled_from(CHANNELS), min_size=1, max_size=4))
-    def open_stream(self, channels: set[str]) -> None:
-        stream = Stream(sorted(channels))
-        self.clients.append(Client(stream))
+    @rule(channels=st.sets(st.sampled_from(CHANNELS), min_size=1, max_size=4), data=st.data())
+    def open_stream(self, channels: set[str], data: Any) -> None:
+        resume: ResumeId | None = None
+        if data.draw(st.booleans()):  # a resume from a position it could have seen
+            parts = sorted({PART[c] for c in channels})
+            at = {p: data.draw(st.integers(0, self.redis.seq[p])) for p in parts}
+            resume = {(None if len(parts) == 1 else p): Position(EPOCHS[p], s) for p, s in at.items()}
+        stream = Stream(sorted(channels), resume)
+        client = Client(stream)
+        if resume is not None:
+            client.start = {
+                (p if p is not None else PART[stream.channels[0]]): pos.seq for p, pos in resume.items()
+            }
+        self.clients.append(client)
         self.do(self.core.open(stream))
 
     @precondition(lambda self: self.clients)
@@ -179,11 +211,23 @@ class CoreMachine(RuleBasedStateMachine):
         else:
             self.do(self.core.message(key, payload))
 
-    @precondition(lambda self: any(c.stream.state is StreamState.CATCHING_UP for c in self.clients))
+    def waiting_for_a_read(self) -> list[Client]:
+        return [
+            c
+            for c in self.clients
+            if c.stream.state is StreamState.CATCHING_UP and c.stream not in self.reads
+        ]
+
+    @precondition(lambda self: self.waiting_for_a_read())
+    @rule(data=st.data(), page=st.integers(1, 3))
+    def history_read_begins(self, data: Any, page: int) -> None:
+        self.begin_read(data.draw(st.sampled_from(self.waiting_for_a_read())), page)
+
+    @precondition(lambda self: self.reads)
     @rule(data=st.data())
-    def history_read(self, data: Any) -> None:
-        catching_up = [c for c in self.clients if c.stream.state is StreamState.CATCHING_UP]
-        self.catch_up(data.draw(st.sampled_from(catching_up)))
+    def history_read_answers(self, data: Any) -> None:
+        stream = data.draw(st.sampled_from(list(self.reads)))
+        self.answer_read(self.client(stream))
 
     @precondition(lambda self: self.gaps)
     @rule(data=st.data())
@@ -233,10 +277,13 @@ class CoreMachine(RuleBasedStateMachine):
             if self.gaps:
                 self.read_gap(min(self.gaps))
                 continue
-            catching_up = [c for c in self.clients if c.stream.state is StreamState.CATCHING_UP]
+            if self.reads:
+                self.answer_read(self.client(next(iter(self.reads))))
+                continue
+            catching_up = self.waiting_for_a_read()
             if not catching_up:
                 break
-            self.catch_up(catching_up[0])
+            self.begin_read(catching_up[0], page=2)
         self.once_each_in_order()
         for client in self.clients:
             assert client.stream.state is StreamState.LIVE, client.stream

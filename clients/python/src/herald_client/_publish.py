@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
+import email.utils
 import random
+import re
 import time
 import uuid
 from collections.abc import Iterable
@@ -15,6 +18,35 @@ import httpx
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 
 EventSpec = tuple[str, Any, "str | None"]
+
+# The longest wait a Retry-After can impose: a hostile or broken proxy must not
+# park a publisher or a subscriber for hours.
+MAX_RETRY_AFTER = 300.0
+_SECONDS_RE = re.compile(r"[0-9]+")
+
+
+def retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a `Retry-After` header, at most MAX_RETRY_AFTER; None
+    when it is absent or not valid (then the caller backs off on its own).
+
+    RFC 9110: ASCII digits (delay-seconds), or an HTTP-date. Nothing else is
+    read: not `'²'` (which str.isdigit() accepts), not a sign, not a fraction."""
+    if value is None:
+        return None
+    value = value.strip(" \t")
+    if _SECONDS_RE.fullmatch(value):
+        # int() of a long string is slow (and refused beyond 4300 digits).
+        return MAX_RETRY_AFTER if len(value) > 6 else min(MAX_RETRY_AFTER, float(int(value)))
+    if not value.isascii() or not 12 <= len(value) <= 64:
+        return None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # asctime's form, or "-0000": both mean GMT here
+        when = when.replace(tzinfo=datetime.timezone.utc)  # noqa: UP017 (the client runs on 3.10)
+    wait = when.timestamp() - (time.time() if now is None else now)
+    return min(MAX_RETRY_AFTER, max(0.0, wait))
 
 
 class HeraldError(Exception):
@@ -59,9 +91,9 @@ class _Retry:
         if self.done >= self.attempts:
             return None
         if response is not None:
-            after = response.headers.get("Retry-After", "").strip()
-            if after.isdigit():
-                return float(after)
+            after = retry_after(response.headers.get("Retry-After"))
+            if after is not None:
+                return after
         backoff: float = min(self.max_delay, 0.2 * 2.0 ** (self.done - 1))
         return backoff * random.uniform(0.5, 1.0)
 

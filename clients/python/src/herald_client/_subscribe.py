@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 from httpx_sse import EventSource, ServerSentEvent
 
-from ._publish import HeraldError, _error
+from ._publish import HeraldError, _error, retry_after
 
 CONTROL_EVENTS = ("reset", "token_expired")  # Herald's own: never wrapped in a channel
 
@@ -82,8 +82,9 @@ def subscribe(
                         r.read()
                         if r.status_code < 500 and r.status_code != 429:
                             raise _error(r)
-                        after = r.headers.get("Retry-After", "").strip()
-                        wait = float(after) if after.isdigit() else None
+                        wait = retry_after(r.headers.get("Retry-After"))
+                        if wait is not None:  # a little jitter: never a tight loop on "0"
+                            wait += random.uniform(0.0, 0.25)
                     else:
                         failures = 0
                         for sse in EventSource(r).iter_sse():
