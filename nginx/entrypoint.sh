@@ -9,7 +9,9 @@
 # 1. REAL_IP_FROM (trusted proxy ranges, comma or space separated) becomes the
 #    real_ip directives in HERALD_REAL_IP, which herald.conf.template reads
 #    (empty: nginx trusts no X-Forwarded-For, the default).
-# 2. nginx's stderr (its error log) goes through a filter that cuts the query
+# 2. CORS_ALLOWED_ORIGINS becomes the map entries in HERALD_CORS_ORIGINS, so
+#    that nginx's own JSON errors carry CORS headers for those origins.
+# 3. nginx's stderr (its error log) goes through a filter that cuts the query
 #    string out of every line: the error log prints the whole request line
 #    (and the upstream URL, and the referrer) on refused streams, upstream
 #    errors and bad requests, and its format cannot be changed, while
@@ -34,7 +36,26 @@ if [ -n "$real_ip" ]; then
 fi
 export HERALD_REAL_IP="$real_ip"
 
-# --- 2. nginx's stderr through the redacting filter ----------------------------
+# --- 2. CORS_ALLOWED_ORIGINS -> HERALD_CORS_ORIGINS -----------------------------
+# Entries of the map in herald.conf.template that decides which pages may read
+# nginx's own errors: an exact origin is echoed back, `*` matches any other.
+# Only scheme://host[:port] (or `*`) is rendered: nothing that could end a
+# directive; anything else stops nginx with a clear message.
+cors=""
+set -f
+for origin in $(printf '%s' "${CORS_ALLOWED_ORIGINS:-}" | tr ',' ' '); do
+  if [ "$origin" = "*" ]; then
+    cors="${cors}\"~.\" \"*\"; "
+    continue
+  fi
+  printf '%s\n' "$origin" | grep -Eqx '[a-z][a-z0-9+.-]*://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?' \
+    || die "CORS_ALLOWED_ORIGINS: '$origin' is not an origin (scheme://host[:port], e.g. https://app.example.com) or *"
+  cors="${cors}\"$origin\" \$http_origin; "
+done
+set +f
+export HERALD_CORS_ORIGINS="$cors"
+
+# --- 3. nginx's stderr through the redacting filter ----------------------------
 # Every query string (from '?' up to a space or quote) becomes '?[redacted]';
 # a line that still names a token parameter after that (a request line with
 # spaces or quotes in its query), however its name is percent-encoded, loses

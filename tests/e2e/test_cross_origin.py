@@ -19,6 +19,7 @@ from typing import Any
 
 import jwt
 import pytest
+import requests
 
 from tests.e2e.browser import headless_chromium
 from tests.e2e.conftest import CROSS_ORIGIN, CROSS_ORIGIN_PORT
@@ -248,3 +249,23 @@ def test_an_exception_in_on_event_goes_to_on_error_and_loses_nothing(
     states = [s[0] for s in browser.execute_script("return window.__states;")]
     assert states == ["open"]
     browser.execute_script("window.__sub.close();")
+
+
+def test_nginx_own_errors_are_readable_from_an_allowed_origin(stack: Stack, browser: Any, site: Site) -> None:
+    """nginx's JSON errors (here a 404 it answers itself) carry the same CORS
+    headers as the services' answers, so a page on an allowed origin reads them
+    and their Retry-After; other origins get none."""
+    allowed = requests.get(stack.url("/no-such-path"), headers={"Origin": CROSS_ORIGIN}, timeout=10)
+    assert allowed.status_code == 404 and allowed.json()["error"] == "not_found"
+    assert allowed.headers["Access-Control-Allow-Origin"] == CROSS_ORIGIN
+    assert allowed.headers["Access-Control-Allow-Credentials"] == "true"
+    assert allowed.headers["Access-Control-Expose-Headers"] == "Retry-After"
+    other = requests.get(stack.url("/no-such-path"), headers={"Origin": "http://evil.example"}, timeout=10)
+    assert other.status_code == 404 and "Access-Control-Allow-Origin" not in other.headers
+    # From the page itself: without the headers fetch() would reject (a network error).
+    open_page(browser, site.origin)
+    script = (
+        "const [url, done] = arguments;"
+        "fetch(url).then(async (r) => done([r.status, (await r.json()).error]), (e) => done(String(e)));"
+    )
+    assert browser.execute_async_script(script, stack.url("/no-such-path")) == [404, "not_found"]

@@ -35,6 +35,7 @@ from tests.support.services import ROOT, Service, free_port, start_service, wait
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 DEFAULT_REDIS_IMAGE = "herald-local/redis:bookworm"
 TEMPLATE = ROOT / "nginx" / "templates" / "herald.conf.template"
+ERROR_CORS = ROOT / "nginx" / "templates" / "herald-error-cors.inc.template"
 HTML_ROOT = ROOT / "nginx" / "html"
 NGINX_CANDIDATES = ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx")
 
@@ -55,6 +56,7 @@ NGINX_VARS = {
     "READ_RATE": "100000r/s",
     "READ_BURST": "100000",
     "HERALD_REAL_IP": "",
+    "HERALD_CORS_ORIGINS": "",
     # No `resolve` in the upstream block: the services are at fixed loopback ports
     # (and Debian's nginx 1.22 does not have it).
     "NGINX_UPSTREAM_RESOLVE": "",
@@ -370,6 +372,8 @@ def render_server(template: str, *, listen: int, publisher: int, stream: int, pr
         "listen 80 default_server;": f"listen 127.0.0.1:{listen} default_server backlog=4096;",
         "/var/log/nginx/access.log": str(prefix / "logs" / "access.log"),
         "root /usr/share/nginx/html;": f"root {HTML_ROOT};",
+        # No variables in it: included as it stands.
+        "/etc/nginx/conf.d/herald-error-cors.inc": str(ERROR_CORS),
     }
     for old, new in replacements.items():
         if old not in text:

@@ -15,21 +15,29 @@ from stream import logs
 ROOT = Path(__file__).resolve().parents[2]
 ENTRYPOINT = ROOT / "nginx" / "entrypoint.sh"
 
-# What the image's entrypoint gets to see: HERALD_REAL_IP on stdout; its
-# arguments (nginx's error lines, in this test) written to stderr.
+# What the image's entrypoint gets to see: HERALD_REAL_IP and HERALD_CORS_ORIGINS
+# on stdout, a line each; its arguments (nginx's error lines, in this test)
+# written to stderr.
 FAKE_IMAGE_ENTRYPOINT = """#!/bin/sh
-printf '%s\\n' "$HERALD_REAL_IP"
+printf '%s\\n' "$HERALD_REAL_IP" "$HERALD_CORS_ORIGINS"
 for line in "$@"; do printf '%s\\n' "$line" >&2; done
 """
 
 
-def run_entrypoint(tmp_path: Path, real_ip_from: str, *stderr_lines: str) -> subprocess.CompletedProcess[str]:
+def run_entrypoint(
+    tmp_path: Path, real_ip_from: str, *stderr_lines: str, cors: str = ""
+) -> subprocess.CompletedProcess[str]:
     if shutil.which("sed") is None or shutil.which("mkfifo") is None:
         pytest.skip("needs sed and mkfifo")
     fake = tmp_path / "docker-entrypoint.sh"
     fake.write_text(FAKE_IMAGE_ENTRYPOINT)
     fake.chmod(0o755)
-    env = {"PATH": "/usr/bin:/bin", "REAL_IP_FROM": real_ip_from, "HERALD_IMAGE_ENTRYPOINT": str(fake)}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "REAL_IP_FROM": real_ip_from,
+        "CORS_ALLOWED_ORIGINS": cors,
+        "HERALD_IMAGE_ENTRYPOINT": str(fake),
+    }
     return subprocess.run(
         ["sh", str(ENTRYPOINT), *stderr_lines],
         env=env,
@@ -58,7 +66,32 @@ def run_entrypoint(tmp_path: Path, real_ip_from: str, *stderr_lines: str) -> sub
 def test_real_ip_from_becomes_real_ip_directives(tmp_path: Path, value: str, directives: str) -> None:
     result = run_entrypoint(tmp_path, value)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == directives + "\n"
+    assert result.stdout == directives + "\n\n"
+
+
+@pytest.mark.parametrize(
+    ("value", "entries"),
+    [
+        ("", ""),
+        (
+            "https://app.example.com, http://127.0.0.1:8081 http://[::1]:3000",
+            '"https://app.example.com" $http_origin; "http://127.0.0.1:8081" $http_origin; '
+            '"http://[::1]:3000" $http_origin; ',
+        ),
+        ("*", '"~." "*"; '),
+    ],
+)
+def test_cors_allowed_origins_become_map_entries(tmp_path: Path, value: str, entries: str) -> None:
+    result = run_entrypoint(tmp_path, "", cors=value)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[1] == entries
+
+
+@pytest.mark.parametrize("value", ['https://a.example"; }', "https://a.example/path", "a.example", "null"])
+def test_an_origin_nginx_cannot_render_safely_stops_it_from_starting(tmp_path: Path, value: str) -> None:
+    result = run_entrypoint(tmp_path, "", cors=value)
+    assert result.returncode == 1
+    assert "CORS_ALLOWED_ORIGINS" in result.stderr and result.stdout == ""
 
 
 @pytest.mark.parametrize("value", ["10.0.0.0/8;", "10.0.0.1; deny all", "*", "proxy.example", "10.0.0.0/8 x"])
