@@ -184,10 +184,12 @@ def test_resumes_that_do_not_read_hold_a_page_each(
     assert [json.loads(e.data)["n"] for e in live.events] == list(range(20))
     growth = sum(m["rss_peak"] - m["rss_before"] for m in memory.values())
     # Each resumer holds at most its queue (CLIENT_BUFFER_BYTES) and one page
-    # (CLIENT_BUFFER_BYTES and one event), plus what a stream costs anyway; the
-    # whole gap, 50 times over, would be gigabytes.
+    # (CLIENT_BUFFER_BYTES and one event), plus what a stream costs anyway (its
+    # greenlet while it catches up); the worker as a whole, a fixed allowance
+    # (Redis connections and replies, the allocator). Measured: 12.5-13.1 MiB.
+    # The whole gap, 50 times over, would be 3 GB.
     bound = 50 * (2 * buffer + 4100 + 16 * 1024)
-    assert growth < bound + 8 * MIB, (mib(growth), mib(bound), memory)
+    assert growth < bound + 16 * MIB, (mib(growth), mib(bound), memory)
     assert max(latencies) < 0.2, latencies
     measurements["bounded: 50 non-reading resumes, gap MiB each / workers' RSS growth MiB"] = (
         gap_mib,
