@@ -63,6 +63,9 @@ log = logging.getLogger("herald.stream.hub")
 # own gap after a reconnect, GAP_BYTES).
 PAGE_EVENTS = 1000
 GAP_BYTES = 1 << 20
+# After Redis says a slot left a node, how long the hub keeps re-reading the
+# slot map until it shows where the slot went (see Hub._replan_soon).
+SETTLE_SECONDS = 10.0
 
 __all__ = ["Full", "Hub", "Unavailable"]
 
@@ -88,6 +91,7 @@ class Hub:
         self._links: dict[Address, Link] = {}  # one Pub/Sub link per Redis node
         self._owner: dict[int, Link] = {}  # the link each partition is on
         self._replanner: gevent.Greenlet | None = None
+        self._settle_until = 0.0  # see _replan_soon
         self._started = False
         self._waiters: dict[Stream, Event] = {}  # streams waiting for their channels
         # Bytes dispatched since the hub last let clients run; see _yield_if_busy.
@@ -318,7 +322,7 @@ class Hub:
         brought up on its new one (resubscribed, its gap read from history)."""
         try:
             owners = self._topology.owners(refresh=refresh)
-        except (redis.RedisError, OSError) as exc:
+        except (redis.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:
             log.warning("cannot read the cluster's topology (%s); retrying", exc)
             return
         for number, address in owners.items():
@@ -338,8 +342,16 @@ class Hub:
                 link.close()
                 del self._links[address]
 
-    def _replan_soon(self) -> None:
-        """The topology changed (a failover, a slot moved): follow it, once at a time."""
+    def _replan_soon(self, settle: float = 0.0) -> None:
+        """The topology changed (a failover, a slot moved): follow it, once at a time.
+
+        With `settle`, Redis said a slot left a node (a dropped subscription, a
+        MOVED) but the slot map read next may not show it yet (the cluster's
+        gossip takes a moment): keep reading it, with backoff, until a partition
+        moves or `settle` seconds pass, or that partition's events stay lost.
+        """
+        if settle:
+            self._settle_until = max(self._settle_until, time.monotonic() + settle)
         if self._topology.clustered and (self._replanner is None or self._replanner.dead):
             self._replanner = gevent.spawn(self._replan)
 
@@ -348,9 +360,12 @@ class Hub:
         while not self.core.stopping:
             before = {n: link.address for n, link in self._owner.items()}
             self._plan(refresh=True)
-            if all(link.healthy for link in self._links.values()):
-                return
             after = {n: link.address for n, link in self._owner.items()}
+            if after != before:
+                self._settle_until = 0.0  # the move Redis told of is followed
+            settled = time.monotonic() >= self._settle_until
+            if settled and all(link.healthy for link in self._links.values()):
+                return
             if after != before:
                 backoff = 0.05
             gevent.sleep(backoff * random.uniform(0.5, 1.0))
@@ -492,7 +507,13 @@ class Link:
                 except redis.ResponseError as exc:
                     # A SSUBSCRIBE refused with MOVED: that slot lives elsewhere now.
                     log.info("Redis at %s:%d answered %s; following the topology", *self.address, exc)
-                    hub._replan_soon()
+                    if isinstance(exc, redis.exceptions.MovedError) and exc.node_addr == self.address:
+                        # Sent to the very node we meant to reach: this connection
+                        # reached another node, which now has that node's old
+                        # address (every node restarted on new addresses). Start
+                        # over on a new connection, or the subscription stays lost.
+                        raise redis.ConnectionError(f"not connected to {exc.host}:{exc.port}") from exc
+                    hub._replan_soon(settle=SETTLE_SECONDS)
                     continue
                 last = time.monotonic()
                 pinged = False
@@ -505,7 +526,7 @@ class Link:
                     hub._do(core.confirmed(reply[1]))
                 elif kind == b"sunsubscribe" and self._unasked(reply[1]):
                     # Redis dropped a subscription we hold: its slot moved away.
-                    hub._replan_soon()
+                    hub._replan_soon(settle=SETTLE_SECONDS)
                 # PING answers need nothing.
                 continue
             idle = time.monotonic() - last
