@@ -11,7 +11,14 @@
 #    (empty: nginx trusts no X-Forwarded-For, the default).
 # 2. CORS_ALLOWED_ORIGINS becomes the map entries in HERALD_CORS_ORIGINS, so
 #    that nginx's own JSON errors carry CORS headers for those origins.
-# 3. nginx's stderr (its error log) goes through a filter that cuts the query
+# 3. NGINX_RESOLVER and NGINX_SERVICE_DOMAIN become HERALD_RESOLVER and
+#    HERALD_SERVICE_DOMAIN: the DNS server nginx asks for the services' names,
+#    and a suffix for those names (nginx's resolver applies no search domains).
+#    Unset (Compose): Docker's DNS, 127.0.0.11, and no suffix. `auto` (the
+#    Kubernetes manifests, deploy/kubernetes): the nameservers and the first
+#    search domain of /etc/resolv.conf, i.e. the cluster DNS and
+#    <namespace>.svc.<cluster domain>.
+# 4. nginx's stderr (its error log) goes through a filter that cuts the query
 #    string out of every line: the error log prints the whole request line
 #    (and the upstream URL, and the referrer) on refused streams, upstream
 #    errors and bad requests, and its format cannot be changed, while
@@ -55,7 +62,32 @@ done
 set +f
 export HERALD_CORS_ORIGINS="$cors"
 
-# --- 3. nginx's stderr through the redacting filter ----------------------------
+# --- 3. NGINX_RESOLVER, NGINX_SERVICE_DOMAIN -> HERALD_RESOLVER, HERALD_SERVICE_DOMAIN
+# (HERALD_RESOLV_CONF: another resolv.conf, for tests/deploy/test_nginx_dns.py.)
+resolv_conf=${HERALD_RESOLV_CONF:-/etc/resolv.conf}
+resolver=${NGINX_RESOLVER:-127.0.0.11}
+if [ "$resolver" = auto ]; then
+  # IPv6 nameservers in brackets, as nginx's resolver directive wants them.
+  resolver=$(awk '$1 == "nameserver" { print ($2 ~ /:/ ? "[" $2 "]" : $2) }' "$resolv_conf" | tr '\n' ' ')
+  [ -n "$resolver" ] || die "NGINX_RESOLVER=auto: no nameserver in $resolv_conf"
+fi
+printf '%s\n' "$resolver" | grep -Eqx '[][0-9A-Fa-f:. ]+' \
+  || die "NGINX_RESOLVER: '$resolver' is not a list of addresses (or auto)"
+export HERALD_RESOLVER="$resolver"
+domain=${NGINX_SERVICE_DOMAIN:-}
+if [ "$domain" = auto ]; then
+  domain=$(awk '$1 == "search" { print $2; exit }' "$resolv_conf")
+  [ -n "$domain" ] || die "NGINX_SERVICE_DOMAIN=auto: no search domain in $resolv_conf"
+fi
+domain=${domain#.}
+if [ -n "$domain" ]; then
+  printf '%s\n' "$domain" | grep -Eqx '[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*' \
+    || die "NGINX_SERVICE_DOMAIN: '$domain' is not a DNS domain (or auto)"
+  domain=".$domain"
+fi
+export HERALD_SERVICE_DOMAIN="$domain"
+
+# --- 4. nginx's stderr through the redacting filter ----------------------------
 # Every query string (from '?' up to a space or quote) becomes '?[redacted]';
 # a line that still names a token parameter after that (a request line with
 # spaces or quotes in its query), however its name is percent-encoded, loses

@@ -57,6 +57,9 @@ NGINX_VARS = {
     "READ_BURST": "100000",
     "HERALD_REAL_IP": "",
     "HERALD_CORS_ORIGINS": "",
+    # What nginx/entrypoint.sh renders under Compose: Docker's DNS, names as written.
+    "HERALD_RESOLVER": "127.0.0.11",
+    "HERALD_SERVICE_DOMAIN": "",
     # No `resolve` in the upstream block: the services are at fixed loopback ports
     # (and Debian's nginx 1.22 does not have it).
     "NGINX_UPSTREAM_RESOLVE": "",

@@ -1,0 +1,106 @@
+#!/bin/sh
+# Herald's wrapper around the nginx image's own entrypoint (compose.yaml runs it
+# as the container's entrypoint, with the image's usual command). It works the
+# same in front of the official image's /docker-entrypoint.sh and the local
+# stand-in's (scripts/local-images/nginx-entrypoint.sh), which then render the
+# templates and exec nginx, so nginx still ends up as PID 1 and gets
+# `docker stop`'s SIGQUIT itself.
+#
+# 1. REAL_IP_FROM (trusted proxy ranges, comma or space separated) becomes the
+#    real_ip directives in HERALD_REAL_IP, which herald.conf.template reads
+#    (empty: nginx trusts no X-Forwarded-For, the default).
+# 2. CORS_ALLOWED_ORIGINS becomes the map entries in HERALD_CORS_ORIGINS, so
+#    that nginx's own JSON errors carry CORS headers for those origins.
+# 3. NGINX_RESOLVER and NGINX_SERVICE_DOMAIN become HERALD_RESOLVER and
+#    HERALD_SERVICE_DOMAIN: the DNS server nginx asks for the services' names,
+#    and a suffix for those names (nginx's resolver applies no search domains).
+#    Unset (Compose): Docker's DNS, 127.0.0.11, and no suffix. `auto` (the
+#    Kubernetes manifests, deploy/kubernetes): the nameservers and the first
+#    search domain of /etc/resolv.conf, i.e. the cluster DNS and
+#    <namespace>.svc.<cluster domain>.
+# 4. nginx's stderr (its error log) goes through a filter that cuts the query
+#    string out of every line: the error log prints the whole request line
+#    (and the upstream URL, and the referrer) on refused streams, upstream
+#    errors and bad requests, and its format cannot be changed, while
+#    subscribe tokens travel as ?token= (EventSource cannot send headers).
+#    nginx's access log (stdout) has its own redaction (herald.conf.template).
+set -eu
+
+die() { echo "herald-nginx: $*" >&2; exit 1; }
+
+# --- 1. REAL_IP_FROM -> HERALD_REAL_IP ----------------------------------------
+real_ip=""
+set -f  # no globbing of the words below
+for range in $(printf '%s' "${REAL_IP_FROM:-}" | tr ',' ' '); do
+  # IPv4 or IPv6 address, optionally /prefix: nothing that could end a directive.
+  printf '%s\n' "$range" | grep -Eqx '[0-9]{1,3}(\.[0-9]{1,3}){3}(/[0-9]{1,2})?|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(/[0-9]{1,3})?' \
+    || die "REAL_IP_FROM: '$range' is not an address or CIDR range (e.g. 10.0.0.0/8, 2001:db8::/32)"
+  real_ip="${real_ip}set_real_ip_from $range; "
+done
+set +f
+if [ -n "$real_ip" ]; then
+  real_ip="${real_ip}real_ip_header X-Forwarded-For; real_ip_recursive on;"
+fi
+export HERALD_REAL_IP="$real_ip"
+
+# --- 2. CORS_ALLOWED_ORIGINS -> HERALD_CORS_ORIGINS -----------------------------
+# Entries of the map in herald.conf.template that decides which pages may read
+# nginx's own errors: an exact origin is echoed back, `*` matches any other.
+# Only scheme://host[:port] (or `*`) is rendered: nothing that could end a
+# directive; anything else stops nginx with a clear message.
+cors=""
+set -f
+for origin in $(printf '%s' "${CORS_ALLOWED_ORIGINS:-}" | tr ',' ' '); do
+  if [ "$origin" = "*" ]; then
+    cors="${cors}\"~.\" \"*\"; "
+    continue
+  fi
+  printf '%s\n' "$origin" | grep -Eqx '[a-z][a-z0-9+.-]*://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?' \
+    || die "CORS_ALLOWED_ORIGINS: '$origin' is not an origin (scheme://host[:port], e.g. https://app.example.com) or *"
+  cors="${cors}\"$origin\" \$http_origin; "
+done
+set +f
+export HERALD_CORS_ORIGINS="$cors"
+
+# --- 3. NGINX_RESOLVER, NGINX_SERVICE_DOMAIN -> HERALD_RESOLVER, HERALD_SERVICE_DOMAIN
+# (HERALD_RESOLV_CONF: another resolv.conf, for tests/deploy/test_nginx_dns.py.)
+resolv_conf=${HERALD_RESOLV_CONF:-/etc/resolv.conf}
+resolver=${NGINX_RESOLVER:-127.0.0.11}
+if [ "$resolver" = auto ]; then
+  # IPv6 nameservers in brackets, as nginx's resolver directive wants them.
+  resolver=$(awk '$1 == "nameserver" { print ($2 ~ /:/ ? "[" $2 "]" : $2) }' "$resolv_conf" | tr '\n' ' ')
+  [ -n "$resolver" ] || die "NGINX_RESOLVER=auto: no nameserver in $resolv_conf"
+fi
+printf '%s\n' "$resolver" | grep -Eqx '[][0-9A-Fa-f:. ]+' \
+  || die "NGINX_RESOLVER: '$resolver' is not a list of addresses (or auto)"
+export HERALD_RESOLVER="$resolver"
+domain=${NGINX_SERVICE_DOMAIN:-}
+if [ "$domain" = auto ]; then
+  domain=$(awk '$1 == "search" { print $2; exit }' "$resolv_conf")
+  [ -n "$domain" ] || die "NGINX_SERVICE_DOMAIN=auto: no search domain in $resolv_conf"
+fi
+domain=${domain#.}
+if [ -n "$domain" ]; then
+  printf '%s\n' "$domain" | grep -Eqx '[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*' \
+    || die "NGINX_SERVICE_DOMAIN: '$domain' is not a DNS domain (or auto)"
+  domain=".$domain"
+fi
+export HERALD_SERVICE_DOMAIN="$domain"
+
+# --- 4. nginx's stderr through the redacting filter ----------------------------
+# Every query string (from '?' up to a space or quote) becomes '?[redacted]';
+# a line that still names a token parameter after that (a request line with
+# spaces or quotes in its query), however its name is percent-encoded, loses
+# everything from its first '?'. Kept: time, level, pid, the message, the client
+# address, server, method and path, the upstream's address and the host.
+fifo_dir=$(mktemp -d /tmp/herald-nginx.XXXXXX)
+mkfifo "$fifo_dir/stderr"
+sed -u -E \
+  -e 's/\?[^ "]*/?[redacted]/g' \
+  -e '/(t|%74)(o|%6f)(k|%6b)(e|%65)(n|%6e)=/I s/\?.*$/?[redacted]/' \
+  <"$fifo_dir/stderr" >&2 &
+exec 2>"$fifo_dir/stderr"
+rm -r "$fifo_dir"  # both ends are open: the pipe lives on without its name
+
+# The image's own entrypoint (another one only in tests/unit/test_front_door_config.py).
+exec "${HERALD_IMAGE_ENTRYPOINT:-/docker-entrypoint.sh}" "$@"

@@ -1,0 +1,417 @@
+"""deploy/kubernetes, checked with no cluster (issue 19).
+
+Every overlay renders with `kubectl kustomize` and validates, strictly (no
+unknown field), against the Kubernetes schemas of every version
+kubernetes-validate bundles (1.25 to 1.37 with the pinned release). Then what
+schemas cannot see: selectors match pods, Services reach ports that exist,
+probes and resources everywhere, grace above the drain, pinned images, and
+settings that .env.example documents. tests/deploy/test_probes.py runs the
+images with the rendered pods' settings and calls their probes.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+import pytest
+from kubernetes_validate import utils as kubernetes_validate
+
+from tests.deploy.manifests import (
+    EXTERNAL_SECRET,
+    KUBERNETES,
+    OVERLAYS,
+    ROOT,
+    Doc,
+    documented_settings,
+    named,
+    of_kind,
+    overlay,
+    pod_templates,
+    render,
+    selects,
+    settings_map,
+)
+
+# Versions the manifests are claimed to work on: every one the validator
+# bundles (autoscaling/v2, policy/v1 and the sysctl nginx uses are all older).
+VERSIONS = sorted(set(kubernetes_validate.all_versions()), key=lambda v: tuple(map(int, v.split("."))))
+# Custom resources: no schema in Kubernetes' own; checked by hand below.
+CUSTOM_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+# Environment variables set on containers that are not settings of .env.example,
+# and who reads them.
+NOT_SETTINGS = {
+    # gunicorn's worker count, from PUBLISHER_WEB_CONCURRENCY / STREAM_WEB_CONCURRENCY (as compose.yaml).
+    "WEB_CONCURRENCY": None,
+    # nginx/entrypoint.sh: the cluster's DNS server and namespace domain.
+    "NGINX_RESOLVER": ROOT / "nginx" / "entrypoint.sh",
+    "NGINX_SERVICE_DOMAIN": ROOT / "nginx" / "entrypoint.sh",
+    # components/redis-cluster/node.sh: the pod's own name, namespace and address.
+    "POD_NAME": KUBERNETES / "components" / "redis-cluster" / "node.sh",
+    "POD_NAMESPACE": KUBERNETES / "components" / "redis-cluster" / "node.sh",
+    "POD_IP": KUBERNETES / "components" / "redis-cluster" / "node.sh",
+}
+# docs/capacity.md, "Memory per stream": the most each stream was measured to take.
+STREAM_WORKER_BYTES_PER_STREAM = 4.1e3
+NGINX_BYTES_PER_STREAM = 13.7e3
+MI = 2**20
+
+
+def test_there_are_the_overlays_issue_19_asks_for() -> None:
+    assert {"dev", "single-redis", "redis-cluster"} <= set(OVERLAYS)
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_every_overlay_validates_against_every_supported_kubernetes(name: str) -> None:
+    docs = overlay(name)
+    assert docs, f"overlays/{name} renders nothing"
+    failures = []
+    for doc in docs:
+        if (doc["apiVersion"], doc["kind"]) in CUSTOM_KINDS:
+            continue
+        for version in VERSIONS:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as error:
+                where = "/".join(str(part) for part in error.path)
+                failures.append(
+                    f"{version} {doc['kind']}/{doc['metadata']['name']} at {where}: {error.message}"
+                )
+            except kubernetes_validate.SchemaNotFoundError as error:
+                failures.append(f"{version} {doc['kind']}/{doc['metadata']['name']}: {error.message}")
+    assert not failures, "\n".join(failures[:20])
+
+
+def test_the_base_and_each_component_render() -> None:
+    render(KUBERNETES / "base")
+    for component in sorted((KUBERNETES / "components").iterdir()):
+        text = (component / "kustomization.yaml").read_text()
+        assert "kind: Component" in text, component
+
+
+def test_the_service_monitor_is_well_formed() -> None:
+    docs = overlay("full-example")
+    monitor = named(docs, "ServiceMonitor", "herald")
+    endpoints = monitor["spec"]["endpoints"]
+    assert [e["path"] for e in endpoints] == ["/metrics"]
+    services = [s for s in of_kind(docs, "Service") if selects(monitor["spec"]["selector"], labels_of(s))]
+    assert {s["metadata"]["name"] for s in services} == {"publisher-service", "stream-service"}
+    for service in services:
+        assert endpoints[0]["port"] in {p.get("name") for p in service["spec"]["ports"]}
+
+
+def labels_of(doc: Doc) -> dict[str, str]:
+    return dict(doc["metadata"].get("labels") or {})
+
+
+def containers(template: Doc) -> list[Doc]:
+    return list(template["spec"].get("initContainers", [])) + list(template["spec"]["containers"])
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_selectors_match_their_pods(name: str) -> None:
+    docs = overlay(name)
+    templates = pod_templates(docs)
+    pods = [labels_of(template) for _, template in templates]
+    for workload, template in templates:
+        if workload["kind"] != "Job":
+            assert selects(workload["spec"]["selector"], labels_of(template)), workload["metadata"]["name"]
+    for kind in ("PodDisruptionBudget", "NetworkPolicy"):
+        for doc in of_kind(docs, kind):
+            key = "podSelector" if kind == "NetworkPolicy" else "selector"
+            assert any(selects(doc["spec"][key], pod) for pod in pods), f"{kind}/{doc['metadata']['name']}"
+    for policy in of_kind(docs, "NetworkPolicy"):
+        for rule in policy["spec"].get("ingress", []):
+            for peer in rule.get("from", []):
+                if "podSelector" in peer and "namespaceSelector" not in peer:
+                    assert any(selects(peer["podSelector"], pod) for pod in pods), policy["metadata"]["name"]
+    for hpa in of_kind(docs, "HorizontalPodAutoscaler"):
+        target = hpa["spec"]["scaleTargetRef"]
+        named(docs, target["kind"], target["name"])
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_services_select_pods_and_ports_that_exist(name: str) -> None:
+    docs = overlay(name)
+    templates = pod_templates(docs)
+    for service in of_kind(docs, "Service"):
+        matched = [
+            t
+            for w, t in templates
+            if w["kind"] != "Job" and selects(service["spec"]["selector"], labels_of(t))
+        ]
+        assert matched, f"Service/{service['metadata']['name']} selects no pod"
+        for port in service["spec"]["ports"]:
+            target = port.get("targetPort", port["port"])
+            for template in matched:
+                offered = [p for c in containers(template) for p in c.get("ports", [])]
+                assert any(target in (p.get("name"), p["containerPort"]) for p in offered), (
+                    f"Service/{service['metadata']['name']} port {target} is not a port of its pods"
+                )
+
+
+def probe_port(container: Doc, port: Any) -> int:
+    for offered in container.get("ports", []):
+        if port in (offered.get("name"), offered["containerPort"]):
+            return int(offered["containerPort"])
+    raise AssertionError(f"probe port {port} is not a port of container {container['name']}")
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_every_container_has_probes_resources_and_least_privilege(name: str) -> None:
+    for workload, template in pod_templates(overlay(name)):
+        spec = template["spec"]
+        pod_security = spec.get("securityContext", {})
+        assert spec.get("automountServiceAccountToken") is False, workload["metadata"]["name"]
+        for container in containers(template):
+            where = f"{workload['kind']}/{workload['metadata']['name']}/{container['name']}"
+            if workload["kind"] != "Job":  # a run-to-completion pod is never behind a Service
+                for probe in ("readinessProbe", "livenessProbe"):
+                    assert probe in container, f"{where} has no {probe}"
+                for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
+                    if "httpGet" in container.get(kind, {}):
+                        probe_port(container, container[kind]["httpGet"]["port"])
+            resources = container.get("resources", {})
+            assert {"cpu", "memory"} <= set(resources.get("requests", {})), f"{where}: requests"
+            assert "memory" in resources.get("limits", {}), f"{where}: memory limit"
+            security = container.get("securityContext", {})
+            assert security.get("runAsNonRoot", pod_security.get("runAsNonRoot")) is True, where
+            assert security.get("runAsUser", pod_security.get("runAsUser", 0)) != 0, where
+            assert security.get("readOnlyRootFilesystem") is True, where
+            assert security.get("allowPrivilegeEscalation") is False, where
+            assert security.get("capabilities", {}).get("drop") == ["ALL"], where
+            assert not security.get("capabilities", {}).get("add"), where
+            assert not security.get("privileged"), where
+
+
+def seconds(value: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h)?", value)
+    assert match, value
+    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[match.group(2)]
+    return float(match.group(1)) * scale
+
+
+def prestop_seconds(container: Doc) -> float:
+    command = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+    return float(command[1]) if command[:1] == ["sleep"] else 0.0
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_rolling_updates_never_drop_capacity_and_grace_outlasts_the_drain(name: str) -> None:
+    docs = overlay(name)
+    settings = settings_map(docs)["data"]
+    drain = float(settings["GRACEFUL_TIMEOUT"])
+    for deployment in of_kind(docs, "Deployment"):
+        strategy = deployment["spec"]["strategy"]
+        assert strategy["type"] == "RollingUpdate"
+        assert strategy["rollingUpdate"]["maxUnavailable"] == 0, deployment["metadata"]["name"]
+        spec = deployment["spec"]["template"]["spec"]
+        grace = spec["terminationGracePeriodSeconds"]
+        for container in spec["containers"]:
+            wait = prestop_seconds(container)
+            assert wait >= seconds(settings["DNS_VALID"]), (
+                f"{container['name']}: preStop shorter than DNS_VALID"
+            )
+            # gunicorn drains after the preStop sleep, for GRACEFUL_TIMEOUT at most.
+            needed = wait + (drain if container["name"] in {"publisher", "stream"} else 0)
+            assert grace > needed, f"{container['name']}: grace {grace} s <= preStop + drain {needed} s"
+    for workload in of_kind(docs, "Deployment"):
+        assert any(
+            selects(pdb["spec"]["selector"], labels_of(workload["spec"]["template"]))
+            for pdb in of_kind(docs, "PodDisruptionBudget")
+        ), f"no PodDisruptionBudget for {workload['metadata']['name']}"
+    hpa = named(docs, "HorizontalPodAutoscaler", "stream")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "stream"
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_images_are_pinned(name: str) -> None:
+    for workload, template in pod_templates(overlay(name)):
+        for container in containers(template):
+            image = container["image"]
+            last = image.rsplit("/", 1)[-1]
+            assert "@sha256:" in image or ":" in last, f"{workload['metadata']['name']}: {image} has no tag"
+            assert not image.endswith(":latest"), f"{workload['metadata']['name']}: {image}"
+
+
+def env_names(container: Doc) -> set[str]:
+    return {entry["name"] for entry in container.get("env", [])}
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_settings_are_documented_and_references_resolve(name: str) -> None:
+    docs = overlay(name)
+    documented = documented_settings()
+    settings = settings_map(docs)
+    undocumented = set(settings["data"]) - documented
+    assert not undocumented, f"herald-settings keys not in .env.example: {sorted(undocumented)}"
+    assert not {"PUBLISH_TOKEN", "SUBSCRIBE_SECRET"} & set(settings["data"]), "secrets belong in the Secret"
+    config_maps = {doc["metadata"]["name"]: doc.get("data", {}) for doc in of_kind(docs, "ConfigMap")}
+    secrets = {doc["metadata"]["name"]: doc.get("data", {}) for doc in of_kind(docs, "Secret")}
+    for workload, template in pod_templates(docs):
+        for container in containers(template):
+            where = f"{workload['metadata']['name']}/{container['name']}"
+            for source in container.get("envFrom", []):
+                assert source["configMapRef"]["name"] in config_maps, where
+            for entry in container.get("env", []):
+                if entry["name"] not in documented:
+                    assert entry["name"] in NOT_SETTINGS, f"{where}: {entry['name']} is no documented setting"
+                    reader = NOT_SETTINGS[entry["name"]]
+                    assert reader is None or entry["name"] in reader.read_text(), entry["name"]
+                ref = entry.get("valueFrom", {})
+                if "configMapKeyRef" in ref:
+                    assert ref["configMapKeyRef"]["key"] in config_maps[ref["configMapKeyRef"]["name"]], where
+                if "secretKeyRef" in ref:
+                    secret = ref["secretKeyRef"]["name"]
+                    if secret in secrets:
+                        assert ref["secretKeyRef"]["key"] in secrets[secret], where
+                    else:
+                        assert secret == EXTERNAL_SECRET, (
+                            f"{where}: Secret {secret} is neither rendered nor documented"
+                        )
+        for volume in template["spec"].get("volumes", []):
+            if "configMap" in volume:
+                data = config_maps[volume["configMap"]["name"]]
+                for item in volume["configMap"].get("items", []):
+                    assert item["key"] in data, volume["name"]
+        claims = {c["metadata"]["name"] for c in workload["spec"].get("volumeClaimTemplates", [])}
+        volumes = {v["name"]: v for v in template["spec"].get("volumes", [])}
+        for container in containers(template):
+            for mount in container.get("volumeMounts", []):
+                assert mount["name"] in volumes or mount["name"] in claims, f"no volume {mount['name']}"
+                volume = volumes.get(mount["name"], {})
+                if "subPath" in mount and "configMap" in volume:
+                    assert mount["subPath"] in config_maps[volume["configMap"]["name"]], mount
+
+
+def test_the_dev_overlay_brings_its_own_secret() -> None:
+    secret = named(
+        overlay("dev"), "Secret", next(doc["metadata"]["name"] for doc in of_kind(overlay("dev"), "Secret"))
+    )
+    assert {"PUBLISH_TOKEN", "SUBSCRIBE_SECRET"} <= set(secret["data"])
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_sizes_follow_the_settings(name: str) -> None:
+    """Front-door arithmetic of .env.example, and memory from docs/capacity.md."""
+    docs = overlay(name)
+    settings = settings_map(docs)["data"]
+    assert int(settings["NGINX_WORKER_CONNECTIONS"]) >= 2 * int(settings["NGINX_MAX_STREAMS"]) + 512
+    assert int(settings["NGINX_NOFILE"]) >= int(settings["NGINX_WORKER_CONNECTIONS"])
+
+    def limit(deployment: str) -> float:
+        container = named(docs, "Deployment", deployment)["spec"]["template"]["spec"]["containers"][0]
+        value = container["resources"]["limits"]["memory"]
+        match = re.fullmatch(r"(\d+)(Mi|Gi)", value)
+        assert match, value
+        return int(match.group(1)) * (MI if match.group(2) == "Mi" else 1024 * MI)
+
+    streams = int(settings["MAX_CONNECTIONS"]) * int(settings["STREAM_WEB_CONCURRENCY"])
+    assert limit("stream") >= streams * STREAM_WORKER_BYTES_PER_STREAM + 64 * MI
+    assert limit("nginx") >= int(settings["NGINX_MAX_STREAMS"]) * NGINX_BYTES_PER_STREAM + 32 * MI
+
+
+# The overlays that run a Redis of their own (not an external cluster by URL).
+WITH_REDIS = [name for name in OVERLAYS if name != "external-redis-cluster"]
+
+
+@pytest.mark.parametrize("name", WITH_REDIS)
+def test_only_the_services_reach_redis(name: str) -> None:
+    docs = overlay(name)
+    redis_pods = [
+        labels_of(t)
+        for w, t in pod_templates(docs)
+        if labels_of(t).get("app.kubernetes.io/component") == "redis"
+    ]
+    assert redis_pods, f"overlays/{name} runs no Redis"
+    policies = [p for p in of_kind(docs, "NetworkPolicy") if selects(p["spec"]["podSelector"], redis_pods[0])]
+    assert policies, "no NetworkPolicy covers Redis"
+    allowed = {"publisher", "stream", "redis", "redis-cluster-init"}
+    for policy in policies:
+        assert "Ingress" in policy["spec"]["policyTypes"]
+        for rule in policy["spec"].get("ingress", []):
+            assert rule.get("from"), "an ingress rule without `from` lets everyone in"
+            for peer in rule["from"]:
+                assert set(peer) == {"podSelector"}, peer
+                reached = {
+                    labels_of(t).get("app.kubernetes.io/component")
+                    for _, t in pod_templates(docs)
+                    if selects(peer["podSelector"], labels_of(t))
+                }
+                assert reached <= allowed, reached
+
+
+def test_the_nginx_files_are_the_ones_compose_mounts() -> None:
+    """deploy/kubernetes/base/nginx is a copy (kustomize reads nothing outside
+    its directory): it must not drift. Fix with deploy/kubernetes/base/sync-nginx.sh."""
+    copy = KUBERNETES / "base" / "nginx"
+    original = ROOT / "nginx"
+    copied = sorted(p.relative_to(copy) for p in copy.rglob("*") if p.is_file())
+    assert copied, "deploy/kubernetes/base/nginx is empty: run deploy/kubernetes/base/sync-nginx.sh"
+    expected = sorted(p.relative_to(original) for p in original.rglob("*") if p.is_file())
+    assert copied == expected, "run deploy/kubernetes/base/sync-nginx.sh"
+    stale = [str(p) for p in copied if (copy / p).read_bytes() != (original / p).read_bytes()]
+    assert not stale, f"differ from nginx/: {stale}; run deploy/kubernetes/base/sync-nginx.sh"
+
+
+def test_the_ingress_example_does_not_buffer_streams() -> None:
+    ingress = named(overlay("full-example"), "Ingress", "herald")
+    annotations = ingress["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    heartbeat = float(settings_map(overlay("full-example"))["data"]["HEARTBEAT_SECONDS"])
+    assert float(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) > 2 * heartbeat
+
+
+def container_env(docs: list[Doc], deployment: str) -> set[str]:
+    container = named(docs, "Deployment", deployment)["spec"]["template"]["spec"]["containers"][0]
+    names = {entry["name"] for entry in container.get("env", [])}
+    for source in container.get("envFrom", []):
+        names |= set(named(docs, "ConfigMap", source["configMapRef"]["name"]).get("data", {}))
+    return names
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_every_setting_a_container_reads_is_given_to_it(name: str) -> None:
+    """As tests/unit/test_settings_documented.py does for compose.yaml."""
+    docs = overlay(name)
+    for deployment, config in (
+        ("publisher", "publisher-service/publisher/config.py"),
+        ("stream", "stream-service/stream/config.py"),
+    ):
+        read = set(re.findall(r'"([A-Z][A-Z0-9_]+)"', (ROOT / config).read_text()))
+        missing = read - container_env(docs, deployment)
+        assert not missing, f"{config} reads {sorted(missing)}, which the {deployment} pods never get"
+    templates = "\n".join(
+        line
+        for path in (ROOT / "nginx" / "templates").glob("*.template")
+        for line in path.read_text().splitlines()
+        if not line.lstrip().startswith("#")
+    )
+    read = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)\}", templates)) - {
+        # Made by nginx/entrypoint.sh from the settings below.
+        "HERALD_REAL_IP",
+        "HERALD_CORS_ORIGINS",
+        "HERALD_RESOLVER",
+        "HERALD_SERVICE_DOMAIN",
+    }
+    read |= {"REAL_IP_FROM", "CORS_ALLOWED_ORIGINS", "NGINX_RESOLVER", "NGINX_SERVICE_DOMAIN"}
+    missing = read - container_env(docs, "nginx")
+    assert not missing, f"nginx reads {sorted(missing)}, which the nginx pods never get"
+
+
+def test_a_broken_manifest_fails_these_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checks above can fail: an unknown field fails strict validation on the
+    oldest and newest versions, and a Service whose selector has a typo fails
+    the Service check (run on a broken copy of the dev overlay)."""
+    docs = copy.deepcopy(overlay("dev"))
+    stream = named(docs, "Deployment", "stream")
+    stream["spec"]["strategy"]["rollingUpdate"]["maxSurprise"] = 1
+    for version in (VERSIONS[0], VERSIONS[-1]):
+        with pytest.raises(kubernetes_validate.ValidationError):
+            kubernetes_validate.validate(stream, version, strict=True)
+    service = named(docs, "Service", "publisher-service")
+    service["spec"]["selector"] = {key: value + "-typo" for key, value in service["spec"]["selector"].items()}
+    monkeypatch.setitem(globals(), "overlay", lambda name: docs)
+    with pytest.raises(AssertionError):
+        test_services_select_pods_and_ports_that_exist("dev")
