@@ -97,6 +97,8 @@ E2E_SETTINGS = {
     # A quarter of it, as the defaults (1 MiB, 256 KiB): a batch is well over a
     # client's buffer (tests/e2e/test_bounded_work.py).
     "CLIENT_BUFFER_BYTES": "65536",
+    # The hard limit in the same ratio (4 MiB to 256 KiB): still four batches.
+    "CLIENT_BUFFER_MAX_BYTES": "1048576",
     "PUBLISH_RATE": "100r/s",
     "PUBLISH_BURST": "200",
     "GRACEFUL_TIMEOUT": "5",
