@@ -17,17 +17,14 @@ import json
 import secrets
 import subprocess
 import time
-import zlib
 from collections.abc import Callable, Iterator
 
 import pytest
 
+from tests.e2e.cluster import FILES, NODES, cli, master_of
 from tests.e2e.conftest import MEASUREMENTS, running_stack
 from tests.e2e.support import ResumingClient, Stack, iter_frames, until_live, wait_until
 
-FILES = ("compose.yaml", "compose.cluster.yaml")
-NODES = ("redis", "redis-2", "redis-3", "redis-4", "redis-5", "redis-6")
-PARTITIONS = 16  # CLUSTER_PARTITIONS' default
 CHANNELS = 6  # over 16 partitions: on every master, most likely
 EVENTS_PER_CHANNEL = 3
 
@@ -36,22 +33,6 @@ EVENTS_PER_CHANNEL = 3
 def cluster_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with running_stack(tmp_path_factory.mktemp("herald-cluster-restart"), files=FILES) as stack:
         yield stack
-
-
-def cli(stack: Stack, node: str, *args: str) -> str:
-    return stack.docker("exec", stack.containers(node)[0], "redis-cli", *args)
-
-
-def master_of(stack: Stack, channel: str) -> str:
-    """The node (service name) that is the master of the channel's partition:
-    the master holding keys of its slot (the channel has been published to)."""
-    key = f"herald:{{p{zlib.crc32(channel.encode()) % PARTITIONS}}}:meta"
-    slot = int(cli(stack, "redis", "CLUSTER", "KEYSLOT", key))
-    for node in NODES:
-        is_master = cli(stack, node, "ROLE").split()[0] == "master"
-        if is_master and int(cli(stack, node, "CLUSTER", "COUNTKEYSINSLOT", str(slot))) > 0:
-            return node
-    raise AssertionError(f"no master holds slot {slot}")
 
 
 def addresses(stack: Stack) -> dict[str, str]:

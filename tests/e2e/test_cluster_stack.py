@@ -7,43 +7,19 @@ from __future__ import annotations
 import json
 import time
 import uuid
-import zlib
 from collections.abc import Iterator
 
 import pytest
 
+from tests.e2e.cluster import FILES, cli, master_of
 from tests.e2e.conftest import running_stack
 from tests.e2e.support import ResumingClient, Stack, iter_frames, until_live, wait_until
-
-FILES = ("compose.yaml", "compose.cluster.yaml")
-PARTITIONS = 16
-NODES = ("redis", "redis-2", "redis-3", "redis-4", "redis-5", "redis-6")
 
 
 @pytest.fixture(scope="module")
 def cluster_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with running_stack(tmp_path_factory.mktemp("herald-cluster"), files=FILES) as stack:
         yield stack
-
-
-def cli(stack: Stack, node: str, *args: str) -> str:
-    return stack.docker("exec", stack.containers(node)[0], "redis-cli", *args)
-
-
-def master_of(stack: Stack, channel: str) -> str:
-    """The node (service name) that serves the channel's partition: the master
-    holding keys of its slot (the channel has been published to)."""
-    key = f"herald:{{p{zlib.crc32(channel.encode()) % PARTITIONS}}}:meta"
-    slot = cli(stack, "redis", "CLUSTER", "KEYSLOT", key).strip()
-    for node in NODES:
-        try:
-            if cli(stack, node, "ROLE").split()[0] != "master":
-                continue
-            if int(cli(stack, node, "CLUSTER", "COUNTKEYSINSLOT", slot)) > 0:
-                return node
-        except (AssertionError, IndexError, ValueError):
-            continue  # a node that is down
-    raise AssertionError(f"no master serves slot {slot}")
 
 
 def on_distinct_masters(stack: Stack, count: int) -> list[str]:
