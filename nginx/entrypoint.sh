@@ -18,7 +18,15 @@
 #    Kubernetes manifests, deploy/kubernetes): the nameservers and the first
 #    search domain of /etc/resolv.conf, i.e. the cluster DNS and
 #    <namespace>.svc.<cluster domain>.
-# 4. nginx's stderr (its error log) goes through a filter that cuts the query
+# 4. STREAM_TRANSPORT and STREAM_SLOTS become HERALD_STREAM_TARGET and
+#    HERALD_STREAM_SERVERS: where /stream and /history go. `unix` (the
+#    default): the upstream herald_streams, STREAM_SLOTS Unix sockets
+#    (/run/herald/stream-<n>.sock) on the volume nginx shares with the stream
+#    replicas of its host, each replica serving the first free one
+#    (stream-service/stream/slots.py). `tcp`: the stream service's name on
+#    port 8000, looked up through the resolver at request time (the hop across
+#    the container network, as before; docs/benchmark.md compares the two).
+# 5. nginx's stderr (its error log) goes through a filter that cuts the query
 #    string out of every line: the error log prints the whole request line
 #    (and the upstream URL, and the referrer) on refused streams, upstream
 #    errors and bad requests, and its format cannot be changed, while
@@ -87,15 +95,42 @@ if [ -n "$domain" ]; then
 fi
 export HERALD_SERVICE_DOMAIN="$domain"
 
-# --- 4. nginx's stderr through the redacting filter ----------------------------
+# --- 4. STREAM_TRANSPORT, STREAM_SLOTS -> HERALD_STREAM_TARGET, HERALD_STREAM_SERVERS
+slots=${STREAM_SLOTS:-8}
+printf '%s\n' "$slots" | grep -Eqx '[1-9][0-9]{0,2}' && [ "$slots" -le 256 ] \
+  || die "STREAM_SLOTS: '$slots' is not a whole number from 1 to 256"
+# One server per slot. A slot nobody serves is refused at once (no such file, or
+# nobody listening) and skipped, as is a replica that answers 503 (full or
+# stopping): nginx tries the next. max_fails=0: nginx keeps no memory of a
+# failure. With it, a replica that answered one 503 (a reconnect storm, a Redis
+# hiccup) would get at most one new stream per fail_timeout until one of its
+# streams ended, which for streams can be hours; the price is an empty slot
+# tried again by each new stream that comes to it (a failed connect(), ~µs).
+servers=""
+n=1
+while [ "$n" -le "$slots" ]; do
+  servers="${servers}server unix:/run/herald/stream-$n.sock max_fails=0; "
+  n=$((n + 1))
+done
+export HERALD_STREAM_SERVERS="$servers"
+case "${STREAM_TRANSPORT:-unix}" in
+  unix) export HERALD_STREAM_TARGET=herald_streams ;;
+  tcp) export HERALD_STREAM_TARGET="stream-service${domain}:8000" ;;
+  *) die "STREAM_TRANSPORT: '${STREAM_TRANSPORT}' is not unix or tcp" ;;
+esac
+
+# --- 5. nginx's stderr through the redacting filter ----------------------------
 # Every query string (from '?' up to a space or quote) becomes '?[redacted]';
 # a line that still names a token parameter after that (a request line with
 # spaces or quotes in its query), however its name is percent-encoded, loses
 # everything from its first '?'. Kept: time, level, pid, the message, the client
 # address, server, method and path, the upstream's address and the host.
+# Dropped: an empty stream slot refusing a connection (nginx then tries the
+# next; "no live upstreams" still shows when none is left).
 fifo_dir=$(mktemp -d /tmp/herald-nginx.XXXXXX)
 mkfifo "$fifo_dir/stderr"
 sed -u -E \
+  -e '/connect\(\) to unix:\/run\/herald\/stream-[0-9]+\.sock failed \((2|111): /d' \
   -e 's/\?[^ "]*/?[redacted]/g' \
   -e '/(t|%74)(o|%6f)(k|%6b)(e|%65)(n|%6e)=/I s/\?.*$/?[redacted]/' \
   <"$fifo_dir/stderr" >&2 &

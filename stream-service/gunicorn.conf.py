@@ -11,7 +11,24 @@ os.environ.setdefault("GEVENT_TRACK_GREENLET_TREE", "false")
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="herald-metrics-"))
 
 wsgi_app = "stream.app:create_app()"
-bind = os.environ.get("BIND", "0.0.0.0:8000")
+# Comma-separated addresses. TCP 8000 carries the health checks, /stats and
+# /metrics (and streams, where nginx is not on the same host).
+bind = [part.strip() for part in os.environ.get("BIND", "0.0.0.0:8000").split(",") if part.strip()]
+# nginx on the same host reaches this replica over a Unix socket on a volume they
+# share: half the CPU per event of loopback TCP, for this worker's send and for
+# nginx's receive (docs/benchmark.md, "nginx to the stream workers").
+if os.environ.get("STREAM_SOCKET_DIR"):
+    from stream import slots
+
+    try:
+        _count = slots.parse_slots(os.environ.get("STREAM_SLOTS", "8"))
+        _slot = slots.claim(os.environ["STREAM_SOCKET_DIR"], _count)
+    except slots.SlotError as error:
+        raise SystemExit(f"herald-stream: {error}") from None
+    bind.append("unix:" + slots.socket_path(os.environ["STREAM_SOCKET_DIR"], _slot))
+# Unix sockets are created with mode 0777 minus this: nginx's workers (another
+# user, in another container) must be able to connect.
+umask = 0
 worker_class = "gevent"
 workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
 # The greenlet pool must be larger than MAX_CONNECTIONS, so that the service itself

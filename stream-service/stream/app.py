@@ -11,7 +11,7 @@ from flask import Flask, Response, jsonify, request
 from gunicorn.workers.base_async import ALREADY_HANDLED
 from werkzeug.exceptions import HTTPException
 
-from . import cors, logs, metrics
+from . import cors, logs, metrics, slots
 from .auth import AccessDenied, Grant, authorize, find_token
 from .config import Config
 from .core import Full, Replay, Stream, StreamState, Unavailable
@@ -262,7 +262,8 @@ def create_app(config: Config | None = None) -> Flask:
 
     @app.get("/stats")
     def stats() -> Response:
-        return jsonify(hub.snapshot())
+        # Which of nginx's sockets this replica serves (stream/slots.py), if any.
+        return jsonify({**hub.snapshot(), "slot": slots.current()})
 
     @app.errorhandler(BadRequest)
     def bad_request(exc: BadRequest) -> Response:

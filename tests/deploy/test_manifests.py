@@ -5,18 +5,24 @@ unknown field), against the Kubernetes schemas of every version
 kubernetes-validate bundles (1.25 to 1.37 with the pinned release). Then what
 schemas cannot see: selectors match pods, Services reach ports that exist,
 probes and resources everywhere, grace above the drain, pinned images, and
-settings that .env.example documents. tests/deploy/test_probes.py runs the
-images with the rendered pods' settings and calls their probes.
+settings that .env.example documents, and the edge pod's socket between nginx
+and its stream worker. tests/deploy/test_probes.py runs the images with the
+rendered pods' settings, calls their probes and streams through the socket.
 """
 
 from __future__ import annotations
 
 import copy
 import re
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes_validate import utils as kubernetes_validate
+from stream import slots
 
 from tests.deploy.manifests import (
     EXTERNAL_SECRET,
@@ -47,6 +53,8 @@ NOT_SETTINGS = {
     # nginx/entrypoint.sh: the cluster's DNS server and namespace domain.
     "NGINX_RESOLVER": ROOT / "nginx" / "entrypoint.sh",
     "NGINX_SERVICE_DOMAIN": ROOT / "nginx" / "entrypoint.sh",
+    # stream-service/gunicorn.conf.py: the directory of the socket nginx connects to.
+    "STREAM_SOCKET_DIR": ROOT / "stream-service" / "gunicorn.conf.py",
     # components/redis-cluster/node.sh: the pod's own name, namespace and address.
     "POD_NAME": KUBERNETES / "components" / "redis-cluster" / "node.sh",
     "POD_NAMESPACE": KUBERNETES / "components" / "redis-cluster" / "node.sh",
@@ -56,6 +64,15 @@ NOT_SETTINGS = {
 STREAM_WORKER_BYTES_PER_STREAM = 4.1e3
 NGINX_BYTES_PER_STREAM = 13.7e3
 MI = 2**20
+NGINX_ENTRYPOINT = ROOT / "nginx" / "entrypoint.sh"
+
+
+def socket_dir() -> str:
+    """Where nginx looks for the stream workers' sockets: nginx/entrypoint.sh lists
+    <dir>/stream-<n>.sock, and stream/slots.py binds the same names in STREAM_SOCKET_DIR."""
+    found = re.search(r"server unix:(/[^ ]+)/stream-\$n\.sock", NGINX_ENTRYPOINT.read_text())
+    assert found, "nginx/entrypoint.sh no longer lists unix:<dir>/stream-$n.sock"
+    return found.group(1)
 
 
 def test_there_are_the_overlays_issue_19_asks_for() -> None:
@@ -96,9 +113,27 @@ def test_the_service_monitor_is_well_formed() -> None:
     endpoints = monitor["spec"]["endpoints"]
     assert [e["path"] for e in endpoints] == ["/metrics"]
     services = [s for s in of_kind(docs, "Service") if selects(monitor["spec"]["selector"], labels_of(s))]
-    assert {s["metadata"]["name"] for s in services} == {"publisher-service", "stream-service"}
+    assert {s["metadata"]["name"] for s in services} == {"publisher-service", "stream-metrics"}
+    # Each scraped port is the TCP 8000 of the container that serves /metrics:
+    # the publisher's, and in the edge pods the stream worker's (never nginx's).
+    serving = {"publisher-service": "publisher", "stream-metrics": "stream"}
     for service in services:
-        assert endpoints[0]["port"] in {p.get("name") for p in service["spec"]["ports"]}
+        ports = {p.get("name"): p for p in service["spec"]["ports"]}
+        assert endpoints[0]["port"] in ports, service["metadata"]["name"]
+        target = ports[endpoints[0]["port"]].get("targetPort")
+        for workload, template in pod_templates(docs):
+            if workload["kind"] == "Job" or not selects(service["spec"]["selector"], labels_of(template)):
+                continue
+            reached = [
+                (c["name"], p["containerPort"])
+                for c in containers(template)
+                for p in c.get("ports", [])
+                if target in (p.get("name"), p["containerPort"])
+            ]
+            assert reached == [(serving[service["metadata"]["name"]], 8000)], (
+                service["metadata"]["name"],
+                reached,
+            )
 
 
 def labels_of(doc: Doc) -> dict[str, str]:
@@ -142,6 +177,10 @@ def test_services_select_pods_and_ports_that_exist(name: str) -> None:
             if w["kind"] != "Job" and selects(service["spec"]["selector"], labels_of(t))
         ]
         assert matched, f"Service/{service['metadata']['name']} selects no pod"
+        for template in matched:
+            # A named port must be unique within the pod (the API refuses it otherwise).
+            names = [p["name"] for c in containers(template) for p in c.get("ports", []) if "name" in p]
+            assert len(names) == len(set(names)), f"port names repeat in a pod: {names}"
         for port in service["spec"]["ports"]:
             target = port.get("targetPort", port["port"])
             for template in matched:
@@ -216,13 +255,20 @@ def test_rolling_updates_never_drop_capacity_and_grace_outlasts_the_drain(name: 
             # gunicorn drains after the preStop sleep, for GRACEFUL_TIMEOUT at most.
             needed = wait + (drain if container["name"] in {"publisher", "stream"} else 0)
             assert grace > needed, f"{container['name']}: grace {grace} s <= preStop + drain {needed} s"
+        by_name = {c["name"]: c for c in spec["containers"]}
+        if {"nginx", "stream"} <= set(by_name):
+            # The stream worker ends its streams after its preStop; nginx, in
+            # the same pod, must still run then to pass their clean ends on.
+            assert prestop_seconds(by_name["nginx"]) > prestop_seconds(by_name["stream"]), (
+                "nginx's preStop must outlast the stream worker's"
+            )
     for workload in of_kind(docs, "Deployment"):
         assert any(
             selects(pdb["spec"]["selector"], labels_of(workload["spec"]["template"]))
             for pdb in of_kind(docs, "PodDisruptionBudget")
         ), f"no PodDisruptionBudget for {workload['metadata']['name']}"
-    hpa = named(docs, "HorizontalPodAutoscaler", "stream")
-    assert hpa["spec"]["scaleTargetRef"]["name"] == "stream"
+    hpa = named(docs, "HorizontalPodAutoscaler", "edge")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "edge"}
 
 
 @pytest.mark.parametrize("name", OVERLAYS)
@@ -300,9 +346,8 @@ def test_sizes_follow_the_settings(name: str) -> None:
     assert int(settings["NGINX_WORKER_CONNECTIONS"]) >= 2 * int(settings["NGINX_MAX_STREAMS"]) + 512
     assert int(settings["NGINX_NOFILE"]) >= int(settings["NGINX_WORKER_CONNECTIONS"])
 
-    def limit(deployment: str) -> float:
-        container = named(docs, "Deployment", deployment)["spec"]["template"]["spec"]["containers"][0]
-        value = container["resources"]["limits"]["memory"]
+    def limit(container: str) -> float:
+        value = container_of(named(docs, "Deployment", "edge"), container)["resources"]["limits"]["memory"]
         match = re.fullmatch(r"(\d+)(Mi|Gi)", value)
         assert match, value
         return int(match.group(1)) * (MI if match.group(2) == "Mi" else 1024 * MI)
@@ -310,6 +355,8 @@ def test_sizes_follow_the_settings(name: str) -> None:
     streams = int(settings["MAX_CONNECTIONS"]) * int(settings["STREAM_WEB_CONCURRENCY"])
     assert limit("stream") >= streams * STREAM_WORKER_BYTES_PER_STREAM + 64 * MI
     assert limit("nginx") >= int(settings["NGINX_MAX_STREAMS"]) * NGINX_BYTES_PER_STREAM + 32 * MI
+    # One stream worker behind each nginx: the streams it can hold get through.
+    assert int(settings["NGINX_MAX_STREAMS"]) >= streams
 
 
 # The overlays that run a Redis of their own (not an external cluster by URL).
@@ -327,7 +374,8 @@ def test_only_the_services_reach_redis(name: str) -> None:
     assert redis_pods, f"overlays/{name} runs no Redis"
     policies = [p for p in of_kind(docs, "NetworkPolicy") if selects(p["spec"]["podSelector"], redis_pods[0])]
     assert policies, "no NetworkPolicy covers Redis"
-    allowed = {"publisher", "stream", "redis", "redis-cluster-init"}
+    # The edge pods for their stream worker (a policy cannot tell nginx from it).
+    allowed = {"publisher", "edge", "redis", "redis-cluster-init"}
     for policy in policies:
         assert "Ingress" in policy["spec"]["policyTypes"]
         for rule in policy["spec"].get("ingress", []):
@@ -363,25 +411,46 @@ def test_the_ingress_example_does_not_buffer_streams() -> None:
     assert float(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) > 2 * heartbeat
 
 
-def container_env(docs: list[Doc], deployment: str) -> set[str]:
-    container = named(docs, "Deployment", deployment)["spec"]["template"]["spec"]["containers"][0]
-    names = {entry["name"] for entry in container.get("env", [])}
-    for source in container.get("envFrom", []):
+def container_of(workload: Doc, name: str) -> Doc:
+    found: list[Doc] = [c for c in workload["spec"]["template"]["spec"]["containers"] if c["name"] == name]
+    assert len(found) == 1, f"{workload['metadata']['name']}: {len(found)} containers named {name}"
+    return found[0]
+
+
+def container_env(docs: list[Doc], deployment: str, container: str) -> set[str]:
+    spec = container_of(named(docs, "Deployment", deployment), container)
+    names = {entry["name"] for entry in spec.get("env", [])}
+    for source in spec.get("envFrom", []):
         names |= set(named(docs, "ConfigMap", source["configMapRef"]["name"]).get("data", {}))
     return names
+
+
+def plain_env(docs: list[Doc], container: Doc) -> dict[str, str]:
+    """A container's environment as Kubernetes makes it: envFrom, then `env` on
+    top (plain values only; references are checked elsewhere)."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        env.update(named(docs, "ConfigMap", source["configMapRef"]["name"]).get("data", {}))
+    for entry in container.get("env", []):
+        if "value" in entry:
+            env[entry["name"]] = entry["value"]
+    return env
 
 
 @pytest.mark.parametrize("name", OVERLAYS)
 def test_every_setting_a_container_reads_is_given_to_it(name: str) -> None:
     """As tests/unit/test_settings_documented.py does for compose.yaml."""
     docs = overlay(name)
-    for deployment, config in (
-        ("publisher", "publisher-service/publisher/config.py"),
-        ("stream", "stream-service/stream/config.py"),
+    for deployment, container, config in (
+        ("publisher", "publisher", "publisher-service/publisher/config.py"),
+        ("edge", "stream", "stream-service/stream/config.py"),
     ):
         read = set(re.findall(r'"([A-Z][A-Z0-9_]+)"', (ROOT / config).read_text()))
-        missing = read - container_env(docs, deployment)
-        assert not missing, f"{config} reads {sorted(missing)}, which the {deployment} pods never get"
+        missing = read - container_env(docs, deployment, container)
+        assert not missing, f"{config} reads {sorted(missing)}, which the {container} containers never get"
+    # gunicorn.conf.py: the socket nginx reaches the stream worker by.
+    missing = {"STREAM_SOCKET_DIR", "STREAM_SLOTS"} - container_env(docs, "edge", "stream")
+    assert not missing, f"the stream containers never get {sorted(missing)}"
     templates = "\n".join(
         line
         for path in (ROOT / "nginx" / "templates").glob("*.template")
@@ -394,22 +463,210 @@ def test_every_setting_a_container_reads_is_given_to_it(name: str) -> None:
         "HERALD_CORS_ORIGINS",
         "HERALD_RESOLVER",
         "HERALD_SERVICE_DOMAIN",
+        "HERALD_STREAM_SERVERS",
+        "HERALD_STREAM_TARGET",
     }
-    read |= {"REAL_IP_FROM", "CORS_ALLOWED_ORIGINS", "NGINX_RESOLVER", "NGINX_SERVICE_DOMAIN"}
-    missing = read - container_env(docs, "nginx")
-    assert not missing, f"nginx reads {sorted(missing)}, which the nginx pods never get"
+    read |= {
+        "REAL_IP_FROM",
+        "CORS_ALLOWED_ORIGINS",
+        "NGINX_RESOLVER",
+        "NGINX_SERVICE_DOMAIN",
+        "STREAM_SLOTS",
+        "STREAM_TRANSPORT",
+    }
+    missing = read - container_env(docs, "edge", "nginx")
+    assert not missing, f"nginx reads {sorted(missing)}, which the nginx containers never get"
 
 
-def test_a_broken_manifest_fails_these_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+FAKE_IMAGE_ENTRYPOINT = """#!/bin/sh
+printf '%s\\n' "$HERALD_STREAM_TARGET" "$HERALD_STREAM_SERVERS"
+"""
+
+
+def nginx_stream_upstream(env: dict[str, str], tmp_path: Path) -> tuple[str, list[str]]:
+    """What nginx/entrypoint.sh makes of a container's environment: the stream
+    target and the sockets of the upstream herald_streams (no nginx needed)."""
+    if shutil.which("sed") is None or shutil.which("mkfifo") is None:
+        pytest.skip("needs sed and mkfifo")
+    fake = tmp_path / "docker-entrypoint.sh"
+    fake.write_text(FAKE_IMAGE_ENTRYPOINT)
+    fake.chmod(0o755)
+    resolv_conf = tmp_path / "resolv.conf"
+    resolv_conf.write_text("search herald.svc.cluster.local svc.cluster.local\nnameserver 10.96.0.10\n")
+    done = subprocess.run(
+        ["sh", str(NGINX_ENTRYPOINT)],
+        env={
+            **env,
+            "PATH": "/usr/bin:/bin",
+            "HERALD_IMAGE_ENTRYPOINT": str(fake),
+            "HERALD_RESOLV_CONF": str(resolv_conf),
+        },
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    target, servers = done.stdout.splitlines()
+    return target, re.findall(r"server unix:(\S+) ", servers)
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_the_edge_pod_wires_nginx_to_its_stream_worker_over_a_socket(name: str, tmp_path: Path) -> None:
+    """nginx and one stream worker share a pod and reach each other over the
+    Unix socket of an in-memory emptyDir (issue 17): the same directory in both,
+    the same slots, the unix transport, and a group both belong to."""
+    docs = overlay(name)
+    edge = named(docs, "Deployment", "edge")
+    spec = edge["spec"]["template"]["spec"]
+    assert sorted(c["name"] for c in spec["containers"]) == ["nginx", "stream"]
+    nginx, stream = container_of(edge, "nginx"), container_of(edge, "stream")
+    # The edge pod is the one place nginx and the stream service run: no
+    # separate Deployment of either (their tcp hop is gone on Kubernetes).
+    images = {nginx["image"].rsplit(":", 1)[0], stream["image"].rsplit(":", 1)[0]}
+    for workload, template in pod_templates(docs):
+        if workload is not edge:
+            for other in containers(template):
+                assert other["image"].rsplit(":", 1)[0] not in images, workload["metadata"]["name"]
+
+    # The pod's shape, set on the containers themselves (herald-settings cannot change it).
+    for container, keys in (
+        (nginx, {"STREAM_TRANSPORT", "STREAM_SLOTS"}),
+        (stream, {"STREAM_SOCKET_DIR", "STREAM_SLOTS"}),
+    ):
+        assert keys <= {e["name"] for e in container.get("env", []) if "value" in e}, container["name"]
+    nginx_env, stream_env = plain_env(docs, nginx), plain_env(docs, stream)
+    assert nginx_env["STREAM_TRANSPORT"] == "unix"
+    # One stream worker per pod, one slot: nginx tries no socket nobody serves.
+    assert nginx_env["STREAM_SLOTS"] == stream_env["STREAM_SLOTS"] == "1"
+    assert stream_env["STREAM_SOCKET_DIR"] == socket_dir()
+
+    # nginx's upstream is exactly the sockets the stream worker may bind.
+    target, sockets = nginx_stream_upstream(nginx_env, tmp_path)
+    assert target == "herald_streams", target
+    count = slots.parse_slots(stream_env["STREAM_SLOTS"])
+    assert sockets == [slots.socket_path(stream_env["STREAM_SOCKET_DIR"], n) for n in range(1, count + 1)]
+
+    # One in-memory emptyDir at that directory in both containers, writable
+    # by the stream worker; nginx only connects (read-only is enough).
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {
+        c["name"]: [m for m in c.get("volumeMounts", []) if m["mountPath"] == socket_dir()]
+        for c in (nginx, stream)
+    }
+    assert len(mounts["nginx"]) == len(mounts["stream"]) == 1, mounts
+    assert mounts["nginx"][0]["name"] == mounts["stream"][0]["name"], mounts
+    assert not mounts["stream"][0].get("readOnly"), "the stream worker creates its socket there"
+    assert "subPath" not in mounts["nginx"][0] and "subPath" not in mounts["stream"][0]
+    shared = volumes[mounts["stream"][0]["name"]]
+    assert set(shared) == {"name", "emptyDir"}, shared
+    assert shared["emptyDir"].get("medium") == "Memory", shared
+
+    # nginx (101) and the stream worker (10001) are different users: the pod's
+    # fsGroup makes the directory theirs by group (docs/kubernetes.md).
+    pod_security = spec.get("securityContext", {})
+    users = {
+        c["name"]: c.get("securityContext", {}).get("runAsUser", pod_security.get("runAsUser"))
+        for c in (nginx, stream)
+    }
+    assert users["nginx"] != users["stream"], users
+    assert pod_security.get("fsGroup") not in (None, 0), "no shared group for the socket directory"
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_over_the_network_only_nginx_takes_requests(name: str) -> None:
+    """nginx reaches its stream worker inside the pod: the edge pods take port 80
+    only (plus Prometheus from its namespace, with the ServiceMonitor), and the
+    publisher takes requests from the edge pods only."""
+    docs = overlay(name)
+    templates = pod_templates(docs)
+
+    def components(selector: Doc) -> set[str]:
+        return {
+            labels_of(t).get("app.kubernetes.io/component", "")
+            for _, t in templates
+            if selects(selector, labels_of(t))
+        }
+
+    for component, open_ports in (("edge", {80, "http"}), ("publisher", set())):
+        labels = labels_of(named(docs, "Deployment", component)["spec"]["template"])
+        policies = [p for p in of_kind(docs, "NetworkPolicy") if selects(p["spec"]["podSelector"], labels)]
+        assert policies, f"no NetworkPolicy isolates the {component} pods"
+        for policy in policies:
+            where = f"NetworkPolicy/{policy['metadata']['name']}"
+            assert "Ingress" in policy["spec"]["policyTypes"], where
+            for rule in policy["spec"].get("ingress", []):
+                ports = {p.get("port") for p in rule.get("ports", [])}
+                assert ports, f"{where}: a rule without ports opens every port of the {component} pods"
+                if ports <= open_ports:
+                    continue
+                assert rule.get("from"), f"{where}: {sorted(map(str, ports))} open to everyone"
+                for peer in rule["from"]:
+                    if set(peer) == {"namespaceSelector"}:
+                        continue  # Prometheus, from its own namespace
+                    assert set(peer) == {"podSelector"}, f"{where}: {peer}"
+                    assert component == "publisher", f"{where}: pods reach the stream worker's {ports}"
+                    assert components(peer["podSelector"]) == {"edge"}, where
+
+
+def test_a_broken_manifest_fails_these_checks(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The checks above can fail: an unknown field fails strict validation on the
-    oldest and newest versions, and a Service whose selector has a typo fails
-    the Service check (run on a broken copy of the dev overlay)."""
+    oldest and newest versions, a Service whose selector has a typo fails the
+    Service check, and each way of breaking the edge pod's socket fails the
+    wiring check (run on broken copies of the dev overlay)."""
     docs = copy.deepcopy(overlay("dev"))
-    stream = named(docs, "Deployment", "stream")
-    stream["spec"]["strategy"]["rollingUpdate"]["maxSurprise"] = 1
+    edge = named(docs, "Deployment", "edge")
+    edge["spec"]["strategy"]["rollingUpdate"]["maxSurprise"] = 1
     for version in (VERSIONS[0], VERSIONS[-1]):
         with pytest.raises(kubernetes_validate.ValidationError):
-            kubernetes_validate.validate(stream, version, strict=True)
+            kubernetes_validate.validate(edge, version, strict=True)
+
+    def env(container: Doc, key: str, value: str) -> None:
+        next(e for e in container["env"] if e["name"] == key)["value"] = value
+
+    def unmount(container: Doc) -> None:
+        container["volumeMounts"] = [m for m in container["volumeMounts"] if m["mountPath"] != socket_dir()]
+
+    def elsewhere(container: Doc) -> None:
+        next(m for m in container["volumeMounts"] if m["mountPath"] == socket_dir())["mountPath"] = "/srv"
+
+    def on_disk(spec: Doc) -> None:
+        next(v for v in spec["volumes"] if v["name"] == "stream-sockets")["emptyDir"].pop("medium")
+
+    breakages: dict[str, Callable[[Doc, dict[str, Doc]], object]] = {
+        "nginx does not mount the sockets": lambda spec, c: unmount(c["nginx"]),
+        "the stream worker mounts them elsewhere": lambda spec, c: elsewhere(c["stream"]),
+        "nginx lists more slots": lambda spec, c: env(c["nginx"], "STREAM_SLOTS", "2"),
+        "the stream worker binds in another directory": lambda spec, c: env(
+            c["stream"], "STREAM_SOCKET_DIR", "/tmp"
+        ),
+        "nginx crosses the network": lambda spec, c: env(c["nginx"], "STREAM_TRANSPORT", "tcp"),
+        "no shared group": lambda spec, c: spec["securityContext"].pop("fsGroup"),
+        "the sockets on disk": lambda spec, c: on_disk(spec),
+    }
+
+    def rendering(docs: list[Doc]) -> Callable[[str], list[Doc]]:
+        return lambda name: docs
+
+    for what, breakage in breakages.items():
+        broken = copy.deepcopy(overlay("dev"))
+        spec = named(broken, "Deployment", "edge")["spec"]["template"]["spec"]
+        breakage(spec, {c["name"]: c for c in spec["containers"]})
+        monkeypatch.setitem(globals(), "overlay", rendering(broken))
+        with pytest.raises(AssertionError):
+            test_the_edge_pod_wires_nginx_to_its_stream_worker_over_a_socket("dev", tmp_path)
+            pytest.fail(f"not caught: {what}")  # (pytest.fail raises Failed, not AssertionError)
+        monkeypatch.undo()
+
+    broken = copy.deepcopy(overlay("dev"))
+    named(broken, "NetworkPolicy", "edge-front-door-only")["spec"]["ingress"][0]["ports"].append(
+        {"port": 8000, "protocol": "TCP"}
+    )
+    monkeypatch.setitem(globals(), "overlay", lambda name: broken)
+    with pytest.raises(AssertionError):
+        test_over_the_network_only_nginx_takes_requests("dev")
+    monkeypatch.undo()
+
     service = named(docs, "Service", "publisher-service")
     service["spec"]["selector"] = {key: value + "-typo" for key, value in service["spec"]["selector"].items()}
     monkeypatch.setitem(globals(), "overlay", lambda name: docs)

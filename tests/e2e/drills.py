@@ -866,6 +866,9 @@ print(json.dumps({"tcp": states, "fds": fds, "stats": stats, "clients_gauge": ga
 def probe_replica(stack: Stack, container: str) -> dict[str, Any]:
     """Sockets, file descriptors, /stats and the clients gauge of one stream replica."""
     result: dict[str, Any] = json.loads(stack.docker("exec", container, "python3", "-c", REPLICA_PROBE))
+    # Streams that nginx holds over the replica's Unix socket (STREAM_TRANSPORT=unix).
+    tcp = result["tcp"]
+    tcp["stream_established"] = tcp.get("stream_established", 0) + stack.unix_streams(container)
     return result
 
 

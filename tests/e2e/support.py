@@ -139,14 +139,32 @@ class Stack:
         return self.docker("inspect", "-f", template, container).strip()
 
     def established_streams(self, container: str) -> int:
-        """Open TCP connections to port 8000 inside a container (from /proc/net/tcp)."""
+        """Open connections to one stream replica, counted by the kernel, not the app:
+        TCP connections to its port 8000 (from its /proc/net/tcp; STREAM_TRANSPORT=tcp,
+        and health checks) plus nginx's connections to its Unix socket (the default).
+        """
         text = self.docker("exec", container, "cat", "/proc/net/tcp")
         count = 0
         for line in text.splitlines()[1:]:
             parts = line.split()
             if len(parts) > 3 and parts[1].endswith(":1F40") and parts[3] == "01":
                 count += 1
-        return count
+        return count + self.unix_streams(container)
+
+    def unix_streams(self, container: str) -> int:
+        """nginx's open connections to a stream replica's Unix socket (stream/slots.py).
+
+        The server end of a Unix connection belongs to the connecting side's network
+        namespace, so it is listed in nginx's /proc/net/unix (state 03, connected),
+        under the path of the replica's socket.
+        """
+        slot = json.loads(self.internal_get(container, "/stats"))["slot"]
+        if slot is None:
+            return 0
+        path = f"/run/herald/stream-{slot}.sock"
+        text = self.docker("exec", self.containers("nginx")[0], "cat", "/proc/net/unix")
+        lines = text.splitlines()[1:]
+        return sum(1 for line in lines if line.split()[5:6] == ["03"] and line.endswith(" " + path))
 
     def scale_streams(self, replicas: int, timeout: float = 120) -> list[str]:
         """Run `replicas` stream-service containers, all healthy; return their ids."""

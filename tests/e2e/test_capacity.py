@@ -133,10 +133,10 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield the_stack
 
 
-def assert_json_503(answer: requests.Response, code: str) -> None:
+def assert_json_503(answer: requests.Response, *codes: str) -> None:
     assert answer.status_code == 503, (answer.status_code, dict(answer.headers))
     assert answer.headers["content-type"] == "application/json"
-    assert answer.json()["error"] == code
+    assert answer.json()["error"] in codes
     assert answer.json()["message"]
     assert int(answer.headers["Retry-After"]) >= 1
 
@@ -158,11 +158,13 @@ def test_streams_beyond_the_limits_get_json_503_and_nothing_is_left_behind(
         # One replica holds MAX_CONNECTIONS streams; the next is refused by the service.
         held += [small.open_stream([channel]) for _ in range(MAX_CONNECTIONS)]
         assert [r.status_code for r in held] == [200] * MAX_CONNECTIONS
-        assert_json_503(small.open_stream([channel]), "too_many_connections")
+        # The full replica's own answer, or, when nginx tried the empty stream
+        # slots after it (nginx/entrypoint.sh), nginx's: a 503 either way.
+        assert_json_503(small.open_stream([channel]), "too_many_connections", "service_unavailable")
         # Two replicas hold twice as many (nginx skips the full one), up to nginx's own limit.
         small.scale_streams(2)
         for _ in range(NGINX_MAX_STREAMS - MAX_CONNECTIONS):
-            # nginx sees the new replica once its DNS answer expires (DNS_VALID).
+            # nginx tries every slot for each new stream: the new replica's at once.
             held.append(wait_until(lambda: accepted(small, channel), 30, "a stream on the second replica"))
         assert clients(small) == NGINX_MAX_STREAMS
         # Beyond NGINX_MAX_STREAMS nginx refuses by itself: JSON 503, never a 500.

@@ -12,6 +12,26 @@ table of figures next to the targets (tests.load.report), and write everything
 to bench-results/<timestamp>.json. Correctness (every subscriber got every
 event exactly once, in order) decides the exit code; speed never does, unless
 --fail-on-miss is given. See docs/benchmark.md.
+
+--transport unix|tcp (default unix, as compose.yaml's STREAM_TRANSPORT): how
+nginx reaches the stream worker, in either mode: over a Unix socket on a
+shared volume (direct mode: in the temporary directory), or over TCP (the
+former topology: stream-service:8000 across the compose network; the worker's
+loopback port). One transport per run, recorded in the JSON ("transport", and
+the stack's settings) and in the table's headline; for a before/after table,
+run twice and print both with `--compare tcp.json unix.json`.
+
+The nchan reference (tests.load.nchan): whenever the fan-out scenario runs, in
+either mode, the same fan-out (same sizes, same client processes, same
+checks) also runs on nginx + nchan with one worker, on loopback, right after
+Herald's fan-out rows (same minutes), unless --no-reference (= --reference
+none). Its row joins the table, Herald's fan-out rows are printed as
+multiples of it (CPU per delivery, p99), and compose mode judges the netns
+path against it (tests.load.report: REF_*). nchan on the bench's Redis in
+direct mode, on a Redis of its own in compose mode (Herald's stack stays up,
+idle, meanwhile: its health checks show under "others"). A run that asks for the
+reference checks first that nchan is there (or installs it as root) and
+otherwise stops at once, saying what to install.
 """
 
 from __future__ import annotations
@@ -43,16 +63,28 @@ import redis
 
 from tests.load.client import ClientPool, HttpConnection
 from tests.load.compose import start_compose
+from tests.load.nchan import NchanStack, ensure_nchan, parse_status, start_nchan
+from tests.load.perf import PerfRecording, breakdown, find_perf, format_breakdown
 from tests.load.profile import Recording, find_py_spy
 from tests.load.report import (
+    comparison_rows,
     compose_rows,
     delivery_items,
     evaluate,
     evaluate_compose,
     format_table,
+    reference_rows,
     rows,
 )
-from tests.load.stack import BenchStack, Route, cpu_seconds, machine_busy_seconds, raise_nofile, start_stack
+from tests.load.stack import (
+    TRANSPORTS,
+    BenchStack,
+    Route,
+    cpu_seconds,
+    machine_busy_seconds,
+    raise_nofile,
+    start_stack,
+)
 from tests.support.services import ROOT
 
 SCENARIOS = ("idle", "fanout", "publish", "many-channels", "scaling")
@@ -162,6 +194,10 @@ class ScenarioFailed(Exception):
 class Bench:
     """The scenarios, run against any stack (BenchStack) on the routes it offers."""
 
+    dialect = "herald"  # how the client processes read the streams (tests.load.client)
+    # --perf: where `perf record -a` of each fan-out goes (tests.load.perf); None = not recorded.
+    perf_dir: Path | None = None
+
     def __init__(
         self,
         stack: BenchStack,
@@ -178,6 +214,9 @@ class Bench:
         self.profile_dir = profile_dir
         host, port = stack.stats
         self.stats_conn = HttpConnection(port, host=host)
+        # What a scenario started beside the stack (the nchan reference) and has not stopped
+        # yet: stopped by main() too, should the run end in the middle (Ctrl-C, SIGTERM).
+        self.cleanups: list[Callable[[], None]] = []
 
     # -- helpers -------------------------------------------------------------
 
@@ -203,7 +242,7 @@ class Bench:
         count = len(self.pool.pipes)
         shares = [paths[i::count] for i in range(count)]
         timeout = 30 + len(paths) / 250
-        command = {"op": "open", "address": route.stream, "netns": route.netns}
+        command = {"op": "open", "address": route.stream, "netns": route.netns, "dialect": self.dialect}
         answers = await self.pool.call(
             [{**command, "paths": share, "concurrency": 100, "timeout": timeout} for share in shares],
             timeout + 10,
@@ -217,6 +256,13 @@ class Bench:
             "live": live,
             "failures": dict(failures),
             "open_seconds": max(float(a["seconds"]) for a in answers),
+        }
+
+    def counters(self, before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
+        """What the server counted during a delivery run (from two /stats readings)."""
+        return {
+            "hub_delivered": int(after["delivered"]) - int(before["delivered"]),
+            "dropped_slow": int(after["dropped_slow"]) - int(before["dropped_slow"]),
         }
 
     async def close_streams(self) -> int:
@@ -240,10 +286,51 @@ class Bench:
         await asyncio.sleep(0.5)  # py-spy attaches
         return recording
 
+    def record_perf(self, name: str | None, seconds: float) -> PerfRecording | None:
+        """Start `perf record -a` for the publishing window when --perf was given."""
+        binary = find_perf()
+        if self.perf_dir is None or binary is None:
+            return None
+        label = name or "fanout"
+        label = label if self.dialect == "herald" else f"{self.dialect}-{label}"
+        return PerfRecording(binary, seconds, self.perf_dir / f"{label}.data")
+
+    def component_pids(self) -> dict[str, list[int]]:
+        """Host pids by component, as the stack counts its CPU, plus the bench's own."""
+        stack: Any = self.stack
+        if hasattr(stack, "containers"):  # compose mode: each container's cgroup
+            found = {name: c.cgroup.pids() for name, c in stack.containers.items()}
+            found["docker-proxy"] = list(getattr(stack, "proxies", []))
+        elif hasattr(stack, "nginx_pids"):  # the nchan reference
+            found = {"nginx": stack.nginx_pids(), "redis": stack.redis.pids()}
+        else:  # direct mode
+            found = {name: list(pids) for name, pids in stack.pids.items()}
+        found["clients"] = list(self.pool.pids)
+        found["bench"] = [os.getpid()]
+        return found
+
+    def perf_breakdown(self, perf: PerfRecording, deliveries: int) -> dict[str, Any]:
+        """µs per delivery by component and kind (tests.load.perf), from the recording."""
+        failed = perf.finish()
+        if failed:
+            return {"error": failed}
+        table = breakdown(perf.samples(), self.component_pids(), deliveries)
+        log(f"  perf ({perf.out}):\n{format_breakdown(table)}")
+        return {"file": str(perf.out), "us_per_delivery": table}
+
     async def publish_paced(
-        self, route: Route, count: int, rate: float, body: Callable[[int], bytes]
+        self,
+        route: Route,
+        count: int,
+        rate: float,
+        body: Callable[[int], bytes],
+        path: str = "/publish",
+        accepted: tuple[int, ...] = (202,),
     ) -> dict[str, Any]:
-        """Publish `count` requests one after another on one connection, `rate` per second."""
+        """Publish `count` requests one after another on one connection, `rate` per second.
+
+        Each POST to `path` must answer one of the `accepted` statuses.
+        """
         host, port = route.publish
         conn = HttpConnection(port, host=host, netns=route.netns)
         loop = asyncio.get_running_loop()
@@ -259,10 +346,10 @@ class Bench:
                 elif delay < -0.005:
                     late += 1
                 t = time.perf_counter()
-                status, answer = await conn.post("/publish", body(i))
+                status, answer = await conn.post(path, body(i))
                 latencies.append(time.perf_counter() - t)
                 statuses[status] += 1
-                if status != 202:
+                if status not in accepted:
                     raise ScenarioFailed(f"publish {i} answered {status}: {answer[:200]!r}")
         finally:
             conn.close()
@@ -301,6 +388,7 @@ class Bench:
         opened = await self.open_all(name, route, paths)
         await self.pool.broadcast({"op": "expect", "count": events_each}, 30)
         recording = await self.profile(profile, "stream", publish_seconds + 1)
+        perf = self.record_perf(profile, publish_seconds + 1)
         stats0 = await self.stats()
         before = self.usage()
         published = await publish()
@@ -312,9 +400,10 @@ class Bench:
         profile_summary = recording.finish() if recording else None
         closed = await self.close_streams()
         result = delivery_figures(answers, len(paths), events_each, before, after, self.stack)
+        if perf is not None:
+            result["perf"] = self.perf_breakdown(perf, int(result["received"]))
         result.update(
-            hub_delivered=int(stats1["delivered"]) - int(stats0["delivered"]),
-            dropped_slow=int(stats1["dropped_slow"]) - int(stats0["dropped_slow"]),
+            self.counters(stats0, stats1),
             open=opened,
             publish=published,
             clients_after_close=closed,
@@ -514,6 +603,121 @@ class Bench:
             client.close()
 
 
+class NchanBench(Bench):
+    """The fan-out scenario against the nchan reference (tests.load.nchan), with the same clients.
+
+    Only what differs from Herald: nchan's channel URLs and answers (201/202),
+    its status page instead of /stats, its EventSource dialect in the clients.
+    """
+
+    dialect = "nchan"
+
+    def __init__(self, stack: NchanStack, pool: ClientPool, sizes: Sizes) -> None:
+        super().__init__(stack, pool, sizes, None)
+        self.nchan = stack
+
+    async def stats(self) -> dict[str, Any]:
+        status, body = await self.stats_conn.get("/nchan_status")
+        if status != 200:
+            raise ScenarioFailed(f"/nchan_status answered {status}")
+        found = parse_status(body.decode(errors="replace"))
+        self.nchan.status = found
+        return {
+            "clients": int(found.get("subscribers", -1)),
+            "published": int(found.get("total published messages", 0)),
+        }
+
+    def counters(self, before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
+        return {"nchan_published": int(after["published"]) - int(before["published"])}
+
+    async def open_all(self, name: str, route: Route, paths: list[str]) -> dict[str, Any]:
+        """Open the streams, then wait until nchan has subscribed to their channel in Redis.
+
+        nchan answers a subscriber (`: hi`) before its worker's SUBSCRIBE to the
+        channel's Redis pub/sub channel has gone through; a message published in
+        between does not reach it (with `newest`). A Herald stream is live only
+        once subscribed, so nchan gets the same head start.
+        """
+        opened = await super().open_all(name, route, paths)
+        channels = {path.removeprefix("/sub/") for path in paths}
+        keys = [f"{self.nchan.namespace}:{{channel:/{c}}}:pubsub" for c in channels]
+        client = redis.Redis.from_url(self.nchan.redis_url)
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                counts = await asyncio.to_thread(client.pubsub_numsub, *keys)
+                if all(int(n) >= 1 for _, n in counts):
+                    break
+                if time.monotonic() > deadline:
+                    await self.close_streams()
+                    raise ScenarioFailed(f"{name}: nchan did not subscribe in Redis within 10 s: {counts}")
+                await asyncio.sleep(0.05)
+        finally:
+            client.close()
+        return opened
+
+    async def fanout(self, route: Route, subscribers: int, profile: str | None = None) -> dict[str, Any]:
+        s = self.sizes
+        channel = f"bench.{self.run_id}.fan.nchan.{subscribers}"
+
+        def body(i: int) -> bytes:
+            # What Herald's publisher stores and sends: [index, publish time], compact JSON.
+            return json.dumps([i, time.time()], separators=(",", ":")).encode()
+
+        async def publish() -> Any:
+            return await self.publish_paced(
+                route, s.fanout_events, s.fanout_rate, body, path=f"/pub/{channel}", accepted=(201, 202)
+            )
+
+        result = await self.deliver(
+            name=f"fanout nchan {subscribers}",
+            route=route,
+            paths=[f"/sub/{channel}"] * subscribers,
+            events_each=s.fanout_events,
+            publish=publish,
+            publish_seconds=s.fanout_events / s.fanout_rate,
+        )
+        result["rate_events_per_s"] = s.fanout_rate
+        return result
+
+    def cleanup_redis(self) -> None:
+        self.nchan.cleanup_redis()
+
+
+async def nchan_fanout(bench: Bench, tmp: Path, *, fsync: str, nofile: int) -> dict[str, Any]:
+    """Herald's fan-out scenario on the nchan reference, with the same clients and sizes.
+
+    On the bench's Redis in direct mode, on a Redis of its own in compose mode
+    (whose Redis is inside the Compose network). Started here, stopped here.
+    """
+    redis_url = bench.stack.redis_url if bench.stack.mode == "direct" else None
+    namespace = f"herald-bench-nchan-{bench.run_id}"
+    try:
+        stack = await asyncio.to_thread(
+            start_nchan, tmp, redis_url=redis_url, fsync=fsync, nofile=nofile, namespace=namespace
+        )
+    except RuntimeError as exc:
+        raise ScenarioFailed(f"the nchan reference did not start: {exc}") from exc
+    bench.cleanups.append(stack.stop)
+    reference = NchanBench(stack, bench.pool, bench.sizes)
+    try:
+        await reference.stats()  # nchan's version, for describe()
+        result = await reference.fanout(stack.route, bench.sizes.fanout_subscribers)
+        problem = stack.check()
+        if problem:
+            raise ScenarioFailed(problem)
+        result["reference"] = stack.describe()
+        result["via"] = stack.route.via
+        result["headline"] = stack.headline()
+        return result
+    finally:
+        reference.stats_conn.close()
+        with contextlib.suppress(Exception):
+            reference.cleanup_redis()
+        await asyncio.to_thread(stack.stop)
+        bench.cleanups.remove(stack.stop)
+
+
 # -- figures from the measurements ---------------------------------------------------
 
 
@@ -537,6 +741,17 @@ def delivery_figures(
     last = max((float(a["last_event_at"]) for a in answers), default=0.0) or after.wall
     span = max(last - before.wall, 1e-9)
     spent, others = after.since(before)
+    # The stream worker's figures (Herald's stacks; the nchan reference has none).
+    stream = (
+        {
+            "stream_cpu_s": spent["stream"],
+            "stream_cpu_us_per_delivery": 1e6 * spent["stream"] / max(received, 1),
+            "stream_cpu_share": spent["stream"] / span,
+        }
+        if "stream" in spent
+        else {}
+    )
+    counted = stack.counted("delivery")
     return {
         "streams": streams,
         "events_each": events_each,
@@ -551,16 +766,13 @@ def delivery_figures(
         "latency_ms_by_tenth": by_tenth(latencies, indexes, events_each),
         "seconds": span,
         "deliveries_per_s": received / span,
-        "stream_cpu_s": spent["stream"],
-        "stream_cpu_us_per_delivery": 1e6 * spent["stream"] / max(received, 1),
-        "stream_cpu_share": spent["stream"] / span,
-        "nginx_cpu_s": spent["nginx"],
+        **stream,
+        **{f"{name}_cpu_s": spent[name] for name in ("nginx", "redis", "publisher") if name in spent},
         "client_cpu_s": spent["clients"],
-        "redis_cpu_s": spent["redis"],
-        "publisher_cpu_s": spent["publisher"],
+        "server_cpu_share": sum(spent[name] for name in counted) / span,
         "others_cpu_share": others,
         "client_cpu_us_per_delivery": 1e6 * spent["clients"] / max(received, 1),
-        **cpu_figures(spent, received, "delivery", stack.counted("delivery")),
+        **cpu_figures(spent, received, "delivery", counted),
     }
 
 
@@ -627,6 +839,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=COMPOSE_PATHS,
         help="compose mode: measure only via docker-proxy or only inside nginx's netns (default both)",
     )
+    parser.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        default="unix",
+        help="STREAM_TRANSPORT: nginx reaches the stream worker over a Unix socket (default) or TCP",
+    )
+    parser.add_argument(
+        "--reference",
+        choices=("nchan", "none"),
+        help="run the fan-out scenario on nchan too, right after Herald's (default: nchan with fanout)",
+    )
+    parser.add_argument(
+        "--no-reference", dest="reference", action="store_const", const="none", help="= --reference none"
+    )
     parser.add_argument("--scenario", action="append", choices=SCENARIOS, help="run only this (repeatable)")
     parser.add_argument("--quick", action="store_true", help="small sizes (the smoke test)")
     parser.add_argument("--idle-connections", type=int, help="idle streams (default 5,000; up to 20,000)")
@@ -647,9 +873,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--redis-fsync",
         choices=("always", "everysec", "no"),
         default="always",
-        help="direct mode: appendfsync of the bench's Redis (default always, as compose.yaml)",
+        help="appendfsync of the bench's Redis in direct mode and of the nchan reference's own Redis "
+        "in compose mode (default always, as compose.yaml)",
     )
     parser.add_argument("--profile", type=Path, help="record py-spy profiles of the stream worker here")
+    parser.add_argument(
+        "--perf",
+        type=Path,
+        help="record `perf record -a` of each fan-out here and print µs per delivery by process and "
+        "kernel work (tests.load.perf; needs linux-perf and root)",
+    )
     parser.add_argument(
         "--profile-native",
         action="store_true",
@@ -658,6 +891,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-seconds", type=float, default=1800, help="hard limit for the whole run")
     parser.add_argument("--fail-on-miss", action="store_true", help="exit 3 when a target is missed")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="only print the fan-out rows of earlier runs' results side by side (e.g. a --transport tcp "
+        "run and a unix one), each against its own nchan reference; runs nothing",
+    )
     args = parser.parse_args(argv)
     if args.idle_connections is not None and not 1 <= args.idle_connections <= 20000:
         parser.error("--idle-connections must be 1..20000")
@@ -665,6 +906,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"compose mode runs {', '.join(COMPOSE_SCENARIOS)}; the others need --mode direct")
     if args.mode == "direct" and args.path:
         parser.error("--path is for compose mode (direct mode measures direct and through nginx)")
+    if args.reference is None:
+        args.reference = "nchan" if "fanout" in scenario_names(args) else "none"
+    elif args.reference == "nchan" and "fanout" not in scenario_names(args):
+        parser.error("--reference nchan runs the fan-out scenario: add --scenario fanout")
     return args
 
 
@@ -718,10 +963,16 @@ def steps(bench: Bench, name: str) -> list[Step]:
     return found
 
 
-async def run_scenarios(bench: Bench, names: list[str], log: Callable[[str], None]) -> dict[str, Any]:
+async def run_scenarios(
+    bench: Bench,
+    names: list[str],
+    log: Callable[[str], None],
+    reference: Callable[[], Awaitable[Any]] | None = None,
+) -> dict[str, Any]:
     """Every scenario on each of its routes; a failed one is recorded and the others still run.
 
     results[scenario][route or size], except many-channels (one route: its figures directly).
+    `reference`: the nchan reference's fan-out, run right after Herald's (results["reference"]["nchan"]).
     """
     results: dict[str, Any] = {}
     errors: dict[str, str] = {}
@@ -752,6 +1003,10 @@ async def run_scenarios(bench: Bench, names: list[str], log: Callable[[str], Non
                 results[name][key] = value
             elif value is not None:
                 results[name] = value
+        if name == "fanout" and reference is not None:
+            value = await attempt("fanout/nchan (reference)", reference)
+            if value is not None:
+                results["reference"] = {"nchan": value}
     results["errors"] = errors
     return results
 
@@ -780,7 +1035,7 @@ def start(args: argparse.Namespace, sizes: Sizes, tmp: Path, nofile: int) -> Ben
     max_connections = max(10000, sizes.idle_connections + 500)
     if args.mode == "compose":
         paths = tuple(dict.fromkeys(args.path or default_paths()))
-        return start_compose(tmp, max_connections=max_connections, paths=paths)
+        return start_compose(tmp, max_connections=max_connections, paths=paths, transport=args.transport)
     return start_stack(
         tmp,
         redis_url=args.redis_url,
@@ -788,15 +1043,21 @@ def start(args: argparse.Namespace, sizes: Sizes, tmp: Path, nofile: int) -> Ben
         max_connections=max_connections,
         nofile=nofile,
         redis_fsync=args.redis_fsync,
+        transport=args.transport,
     )
 
 
-def measure(args: argparse.Namespace, bench: Bench, names: list[str]) -> dict[str, Any]:
+def measure(
+    args: argparse.Namespace, bench: Bench, names: list[str], tmp: Path, nofile: int
+) -> dict[str, Any]:
     """Run the scenarios within --max-seconds; remove the run's keys from Redis afterwards."""
+    reference = None
+    if args.reference == "nchan":
+        reference = functools.partial(nchan_fanout, bench, tmp, fsync=args.redis_fsync, nofile=nofile)
 
     async def run() -> dict[str, Any]:
         try:
-            return await asyncio.wait_for(run_scenarios(bench, names, log), args.max_seconds)
+            return await asyncio.wait_for(run_scenarios(bench, names, log, reference), args.max_seconds)
         finally:
             bench.stats_conn.close()
 
@@ -814,9 +1075,17 @@ def print_report(report: dict[str, Any], headline: str, out: Path) -> None:
         f"\nHerald bench {report['started']}: {os.cpu_count()} CPUs, load average at start {load}; {headline}"
     )
     print("paths: " + "; ".join(f"{name} = {r['via']}" for name, r in report["routes"].items()))
+    nchan = results.get("reference", {}).get("nchan")
+    if nchan:
+        print(f"{nchan['headline']}; clients at {nchan['via']}")
     print()
     print(format_table(rows(results) if mode == "direct" else compose_rows(results)))
     print()
+    versus = reference_rows(results, mode)
+    if versus:
+        print(f"stream transport {report['transport']}; Herald's fan-out as multiples of nchan's:")
+        print(format_table(versus))
+        print()
     table = [["target", "goal", "measured", ""]]
     print(
         format_table(table + [[t["name"], t["goal"], t["measured"], t["status"]] for t in report["targets"]])
@@ -828,8 +1097,27 @@ def print_report(report: dict[str, Any], headline: str, out: Path) -> None:
     print(f"\nresults written to {out}")
 
 
+def compare(files: list[Path]) -> int:
+    """--compare: the fan-out rows of several results files in one table."""
+    reports = []
+    for path in files:
+        try:
+            reports.append((path.stem, json.loads(path.read_text())))
+        except (OSError, ValueError) as exc:
+            print(f"bench: cannot read {path}: {exc}", file=sys.stderr)
+            return 2
+    for name, report in reports:
+        load = " ".join(f"{x:.2f}" for x in report["machine"]["load_average_at_start"])
+        print(f"{name}: {report['started']}, load average at start {load}; {report['command']}")
+    print()
+    print(format_table(comparison_rows(reports)))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.compare:
+        return compare(args.compare)
     names = scenario_names(args)
     sizes = sizes_from(args)
     nofile = raise_nofile()
@@ -843,9 +1131,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     stack: BenchStack | None = None
     pool: ClientPool | None = None
+    bench: Bench | None = None
     ok = False
     try:
-        log(f"bench: starting the stack ({args.mode} mode) in {tmp}")
+        if args.reference == "nchan":
+            ensure_nchan()  # before minutes of Compose: fails at once, saying what to install
+        log(f"bench: starting the stack ({args.mode} mode, stream transport {args.transport}) in {tmp}")
         stack = start(args, sizes, tmp, nofile)
         pool = ClientPool(args.client_processes)
         if args.profile:
@@ -853,8 +1144,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not find_py_spy():
                 log("bench: --profile needs py-spy (.venv/bin/pip install py-spy); no profiles")
         bench = Bench(stack, pool, sizes, args.profile, args.profile_native)
+        if args.perf:
+            if not find_perf():
+                raise SystemExit("bench: --perf needs Linux perf (apt-get install linux-perf)")
+            args.perf.mkdir(parents=True, exist_ok=True)
+            Bench.perf_dir = args.perf  # the nchan reference's fan-out too
         log(f"bench: stream worker {stack.worker_pids('stream')}, publisher {stack.worker_pids('publisher')}")
-        results = measure(args, bench, names)
+        results = measure(args, bench, names, tmp, nofile)
         errors = results.pop("errors")
         targets = evaluate(results) if args.mode == "direct" else evaluate_compose(results)
         delivery = [bool(r.get("complete")) for _, r in delivery_items(results)]
@@ -867,6 +1163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
             "ok": ok,
             "mode": args.mode,
+            "transport": args.transport,
+            "reference": None if args.reference == "none" else args.reference,
             "scenarios_requested": names,
             "sizes": dataclasses.asdict(sizes),
             "machine": machine(load_average),
@@ -892,6 +1190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 3
         return 0
     finally:
+        for cleanup in bench.cleanups if bench is not None else []:
+            with contextlib.suppress(Exception):
+                cleanup()
         if pool is not None:
             pool.stop()
         if stack is not None:

@@ -8,6 +8,12 @@ that array; the publisher stores it as compact JSON). Every subscriber checks
 its own events on the fly: indexes 0, 1, 2... each exactly once, ids
 strictly increasing. Connections are spread over several processes
 (multiprocessing, spawn), each driven through a Pipe by the bench.
+
+The same subscribers read nchan's EventSource streams (the bench's reference,
+tests.load.nchan) when opened with dialect "nchan": there the body is not
+chunked (it ends with the connection), the stream is live at nchan's first
+comment (`: hi`), an event has no `event:` line and its id is
+`<unix time>:<tag>` (tag counting within that second), compared as that pair.
 """
 
 from __future__ import annotations
@@ -124,6 +130,7 @@ class Subscriber(asyncio.Protocol):
         "head",
         "headers_done",
         "last_seq",
+        "nchan",
         "next_index",
         "owner",
         "pending",
@@ -134,9 +141,10 @@ class Subscriber(asyncio.Protocol):
         "transport",
     )
 
-    def __init__(self, owner: Worker, request: bytes) -> None:
+    def __init__(self, owner: Worker, request: bytes, nchan: bool = False) -> None:
         self.owner = owner
         self.request = request
+        self.nchan = nchan  # nchan's EventSource dialect (see the module's docstring)
         self.transport: asyncio.Transport | None = None
         self.raw = b""  # undecoded bytes (an incomplete chunk-size line or headers)
         self.headers_done = False
@@ -176,10 +184,15 @@ class Subscriber(asyncio.Protocol):
                 return
             self.status = int(data[9:12])
             self.headers_done = True
-            if self.status != 200 or b"chunked" not in data[:end].lower():
+            framing = b"text/event-stream" if self.nchan else b"chunked"
+            if self.status != 200 or framing not in data[:end].lower():
                 self.owner.failed(self)
                 return
             pos = end + 4
+        if self.nchan:  # not chunked: the body runs until the connection ends
+            if pos < len(data):
+                self._frames(data[pos:], now)
+            return
         body = []
         size = len(data)
         while pos < size:
@@ -215,6 +228,9 @@ class Subscriber(asyncio.Protocol):
         events = 0
         for frame in frames:
             if frame[:1] == b":" or frame[:6] == b"retry:":
+                if self.nchan and self.head is None:  # nchan's ": hi": subscribed
+                    self.head = frame
+                    self.owner.live(self)
                 continue  # ": ok", heartbeats, "retry: 3000"
             data_at = frame.find(b"\ndata: ")
             if data_at < 0:
@@ -230,9 +246,15 @@ class Subscriber(asyncio.Protocol):
     def _event(self, frame: bytes, data_at: int, now: float) -> None:
         try:
             nl = frame.index(b"\n")
-            seq = int(frame[frame.rindex(b"-", 0, nl) + 1 : nl])
-            if not frame.startswith(b"event: message\n", nl + 1):
-                raise ValueError("not a message event")  # a reset would be an error here
+            if self.nchan:
+                if frame[:4] != b"id: ":
+                    raise ValueError("no id")
+                seconds, _, tag = frame[4:nl].partition(b":")
+                seq = int(seconds) << 32 | int(tag)  # <time>:<tag> ordered as the pair
+            else:
+                seq = int(frame[frame.rindex(b"-", 0, nl) + 1 : nl])
+                if not frame.startswith(b"event: message\n", nl + 1):
+                    raise ValueError("not a message event")  # a reset would be an error here
             payload = frame[data_at + 7 :]
             comma = payload.index(b",")
             index = int(payload[1:comma])
@@ -312,9 +334,18 @@ class Worker:
     # Commands from the bench.
 
     async def open(
-        self, address: Address, netns: str | None, paths: list[str], concurrency: int, timeout: float
+        self,
+        address: Address,
+        netns: str | None,
+        paths: list[str],
+        concurrency: int,
+        timeout: float,
+        dialect: str = "herald",
     ) -> dict[str, Any]:
-        """Open one stream per path at `address` (from the network namespace `netns`)."""
+        """Open one stream per path at `address` (from the network namespace `netns`).
+
+        `dialect`: "herald", or "nchan" for the reference (see the module's docstring).
+        """
         loop = asyncio.get_running_loop()
         self.subs = []
         self.settled = self.live_count = self.lost_count = 0
@@ -327,7 +358,7 @@ class Worker:
             request = (
                 f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n"
             ).encode()
-            sub = Subscriber(self, request)
+            sub = Subscriber(self, request, nchan=dialect == "nchan")
             try:
                 await asyncio.wait_for(self.slots.acquire(), max(deadline - loop.time(), 0.001))
             except TimeoutError:
@@ -426,6 +457,7 @@ class Worker:
                     command["paths"],
                     command["concurrency"],
                     command["timeout"],
+                    command.get("dialect", "herald"),
                 )
             elif op == "expect":
                 self.expect(command["count"])

@@ -6,7 +6,11 @@ scripts/compose-local.sh, or HERALD_E2E_COMPOSE) under its own project name,
 taken down again with its volume (`down -v --remove-orphans`), also on error,
 Ctrl-C or SIGTERM. Only what the bench must change differs from the defaults:
 no publish rate limit (so nginx's limiter does not measure itself), room for
-the idle streams (MAX_CONNECTIONS), no PUBLISH_TOKEN.
+the idle streams (MAX_CONNECTIONS), no PUBLISH_TOKEN, and STREAM_TRANSPORT
+as the bench's --transport says (unix, compose's default: nginx reaches the
+stream replica over a Unix socket on a shared volume; tcp: across the compose
+network to stream-service:8000). The bench checks that nginx's rendered
+configuration routes streams that way before it measures anything.
 
 Clients reach nginx two ways (`Route`): "proxy", at 127.0.0.1:<published port>
 on the host, through Docker's userland proxy (docker-proxy); and "netns", from
@@ -43,6 +47,8 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 # Component name -> compose service.
 SERVICES = {"nginx": "nginx", "stream": "stream-service", "publisher": "publisher-service", "redis": "redis"}
 PROXY = "docker-proxy"
+# What nginx's rendered configuration proxies streams to, by STREAM_TRANSPORT (nginx/entrypoint.sh).
+STREAM_TARGETS = {"unix": "herald_streams", "tcp": "stream-service:8000"}
 UP_TIMEOUT = 900  # the first run builds the images (and, on a fresh host, the local base images)
 # Open files docker-proxy holds per proxied connection: both sockets, and for each
 # direction of the copy a pipe (2 fds) for splice(2). At its RLIMIT_NOFILE it exits,
@@ -55,9 +61,11 @@ PROXY_FDS_USABLE = 0.9
 IMAGE_VARIABLES = {"PYTHON_IMAGE", "REDIS_IMAGE", "NGINX_IMAGE", "PIP_INDEX_ARGS"}
 
 
-def bench_settings(project: str, port: int, max_connections: int) -> dict[str, str]:
+def bench_settings(project: str, port: int, max_connections: int, transport: str = "unix") -> dict[str, str]:
     """The bench stack's settings: compose.yaml's defaults except for these."""
     return {
+        # How nginx reaches the stream replicas (nginx/entrypoint.sh).
+        "STREAM_TRANSPORT": transport,
         "COMPOSE_PROJECT_NAME": project,
         "HERALD_BIND": "127.0.0.1",
         "HERALD_PORT": str(port),
@@ -254,6 +262,33 @@ class ComposeStack:
     def heartbeat_seconds(self) -> float:
         return float(self.settings.get("HEARTBEAT_SECONDS", "15"))
 
+    @property
+    def transport(self) -> str:
+        """STREAM_TRANSPORT of this stack: how nginx reaches the stream replica."""
+        return self.settings.get("STREAM_TRANSPORT", "unix")
+
+    def stream_target(self) -> str:
+        """What nginx's rendered configuration proxies /stream to (`set $stream ...;`)."""
+        run = subprocess.run(
+            ["docker", "exec", self.containers["nginx"].id, "cat", "/etc/nginx/conf.d/herald.conf"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        found = re.search(r"^\s*set \$stream (\S+);", run.stdout, re.MULTILINE)
+        return found.group(1) if found else f"? ({run.stderr.strip() or 'no set $stream line'})"
+
+    def check_transport(self) -> None:
+        """Refuse to measure a stack whose nginx does not route streams as STREAM_TRANSPORT says."""
+        target = self.stream_target()
+        expected = STREAM_TARGETS.get(self.transport)
+        if target != expected:
+            raise RuntimeError(
+                f"STREAM_TRANSPORT={self.transport}, but nginx proxies streams to {target!r}, "
+                f"not {expected!r}: does this checkout's nginx/entrypoint.sh read STREAM_TRANSPORT?"
+            )
+
     def routes(self, scenario: str) -> list[Route]:
         """Every scenario on each selected path: via docker-proxy, and inside nginx's netns."""
         nginx = self.containers["nginx"]
@@ -311,7 +346,10 @@ class ComposeStack:
 
     def headline(self) -> str:
         images = ", ".join(f"{c.service} {c.image}" for c in self.containers.values())
-        return f"compose mode: project {self.project}; {images}; nginx {self.nginx_version()}"
+        return (
+            f"compose mode, stream transport {self.transport}: project {self.project}; {images}; "
+            f"nginx {self.nginx_version()}"
+        )
 
     def nginx_version(self) -> str:
         run = subprocess.run(
@@ -344,6 +382,8 @@ class ComposeStack:
         stream_workers = self.worker_pids("stream")
         return {
             "mode": self.mode,
+            "transport": self.transport,
+            "stream_target": self.stream_target(),
             "project": self.project,
             "compose": compose_command(),
             "settings": self.settings,
@@ -393,17 +433,23 @@ class ComposeStack:
                     docker(*remove, *found, timeout=120)
 
 
-def start_compose(tmp: Path, *, max_connections: int, paths: tuple[str, ...]) -> ComposeStack:
-    """`up --build --wait` of the bench's own project; taken down again if anything fails."""
+def start_compose(
+    tmp: Path, *, max_connections: int, paths: tuple[str, ...], transport: str = "unix"
+) -> ComposeStack:
+    """`up --build --wait` of the bench's own project; taken down again if anything fails.
+
+    `transport`: STREAM_TRANSPORT (tests.load.stack.TRANSPORTS).
+    """
     project = f"herald-bench-{os.getpid()}"
     port = free_port()
-    settings = bench_settings(project, port, max_connections)
+    settings = bench_settings(project, port, max_connections, transport)
     env_file = tmp / "bench.env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
     stack = ComposeStack(project, port, env_file, settings, tmp, paths)
     try:
         stack.compose("up", "--build", "--wait", timeout=UP_TIMEOUT, prepare=True)
         stack.discover()
+        stack.check_transport()
     except BaseException:
         stack.stop()
         raise

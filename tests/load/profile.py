@@ -50,16 +50,23 @@ class Recording:
 
     def finish(self, timeout: float = 30, *, now: bool = False) -> str:
         """Wait for the recording (or end it `now`); its summary, or why there is none."""
-        if now and self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)  # py-spy writes what it has and exits
-        try:
-            _, err = self.process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            _, err = self.process.communicate(timeout=5)
+        err = stop_recorder(self.process, timeout, now=now)
         if self.process.returncode != 0 or not self.out.exists():
             return f"py-spy failed ({self.process.returncode}): {err.decode(errors='replace')[-500:]}"
         return summarize(self.out.read_text())
+
+
+def stop_recorder(process: subprocess.Popen[bytes], timeout: float, *, now: bool) -> bytes:
+    """Wait for a recorder (py-spy, perf) to end, or end it `now` with SIGINT, on which
+    both write what they have; killed past `timeout`. Its standard error."""
+    if now and process.poll() is None:
+        process.send_signal(signal.SIGINT)
+    try:
+        _, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        _, err = process.communicate(timeout=5)
+    return bytes(err or b"")
 
 
 def _short(frame: str) -> str:

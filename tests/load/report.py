@@ -4,6 +4,11 @@ Direct mode judges the stream worker and the publisher's workers alone (the
 issue's first targets); compose mode judges the whole Compose stack, summed
 over its containers, on each path clients take to nginx (via docker-proxy, and
 inside nginx's network namespace), with docker-proxy's own cost shown apart.
+
+The nchan reference (tests.load.nchan), when it ran, has its own row in either
+table and a table of Herald's fan-out figures as multiples of nchan's; compose
+mode judges those on the netns path (targets REF_*): clients and nginx on one
+loopback each side, the fairest comparison with nchan on the host's loopback.
 """
 
 from __future__ import annotations
@@ -35,6 +40,17 @@ STACK_BATCH_EVENTS_PER_S = 50000.0
 # The components of a compose stack in the table's order, with their short names.
 CONTAINERS = {"nginx": "nginx", "stream": "stream", "publisher": "pub", "redis": "redis"}
 PROXY = "docker-proxy"
+
+# Compose mode, netns path, against the nchan reference run in the same window: Herald's
+# whole stack per delivery within 2x nchan's nginx, p99 within 5x nchan's, and
+# deliveries/s equal to what was offered (subscribers x rate), within REF_OFFERED_SLACK
+# (the figure's window also holds the last event's latency and the first publish's start).
+REF_CPU_RATIO = 2.0
+REF_P99_RATIO = 5.0
+REF_OFFERED_SLACK = 0.05
+# What Herald's CPU per delivery sums when set against nchan's (everything but Redis in
+# direct mode, where nginx and the publisher are apart from the judged stream worker).
+DIRECT_HERALD = ("stream", "nginx", "publisher")
 
 
 # -- direct mode: targets and the table -------------------------------------------------------
@@ -178,6 +194,8 @@ def delivery_items(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         items.append(("many-channels", results["many-channels"]))
     for size, r in results.get("scaling", {}).items():
         items.append((f"scaling/{size}", r))
+    for name, r in results.get("reference", {}).items():
+        items.append((f"fanout/{name} (reference)", r))
     return items
 
 
@@ -218,14 +236,17 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
             ]
         )
 
-    def delivery_row(name: str, path: str, r: dict[str, Any]) -> list[str]:
+    def delivery_row(name: str, path: str, r: dict[str, Any], cpu: str = "") -> list[str]:
+        cpu = cpu or (
+            f"{r['stream_cpu_us_per_delivery']:.1f} us/delivery ({100 * r['stream_cpu_share']:.0f}% core)"
+        )
         return [
             name,
             path,
             f"{r['streams']:,} x {r['events_each']} ev @ {r['rate_events_per_s']:g}/s",
             f"{r['received']:,}/{r['expected_deliveries']:,}" + ("" if r["complete"] else " INCOMPLETE"),
             _lat(r),
-            f"{r['stream_cpu_us_per_delivery']:.1f} us/delivery ({100 * r['stream_cpu_share']:.0f}% core)",
+            cpu,
             f"{r['deliveries_per_s']:,.0f} deliveries/s",
             f"{r['events_per_read']:.2f}",
             f"{100 * r['others_cpu_share']:.0f}%",
@@ -233,6 +254,13 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
 
     for path, r in results.get("fanout", {}).items():
         table.append(delivery_row("fan-out", path, r))
+    nchan = results.get("reference", {}).get("nchan")
+    if nchan:
+        cpu = (
+            f"{nchan['server_cpu_us_per_delivery']:.1f} us/delivery, nchan's nginx "
+            f"({100 * nchan['server_cpu_share']:.0f}% core)"
+        )
+        table.append(delivery_row("fan-out", "nchan (reference)", nchan, cpu))
     if "many-channels" in results:
         table.append(delivery_row("many-channels", "direct", results["many-channels"]))
     for size, r in sorted(results.get("scaling", {}).items(), key=lambda kv: int(kv[0])):
@@ -368,6 +396,9 @@ def evaluate_compose(results: dict[str, Any]) -> list[Target]:
     for scenario, judge in judges.items():
         for path, r in results.get(scenario, {}).items():
             targets.extend(judge(path, r))
+    netns = results.get("fanout", {}).get("netns")
+    if netns:
+        targets.extend(_reference_targets("netns", netns, results.get("reference", {}).get("nchan")))
     return targets
 
 
@@ -471,6 +502,190 @@ def compose_rows(results: dict[str, Any]) -> list[list[str]]:
         table.append(_compose_idle_row(path, r))
     for path, r in results.get("fanout", {}).items():
         table.append(_compose_fanout_row(path, r))
+    nchan = results.get("reference", {}).get("nchan")
+    if nchan:
+        table.append(_reference_compose_row(nchan))
     for path, r in results.get("publish", {}).items():
         table.extend(_compose_publish_rows(path, r))
+    return table
+
+
+def _reference_compose_row(r: dict[str, Any]) -> list[str]:
+    """The nchan reference in compose mode's table: its nginx (counted) and its Redis (apart)."""
+    per = r["cpu_us_per_delivery"]
+    redis = f" / redis {per['redis']:.1f}" if "redis" in per else ""
+    return [
+        "fan-out",
+        "nchan (reference)",
+        f"{r['streams']:,} x {r['events_each']} ev @ {r['rate_events_per_s']:g}/s",
+        f"{r['received']:,}/{r['expected_deliveries']:,}" + ("" if r["complete"] else " INCOMPLETE"),
+        _lat(r),
+        f"nginx {per['nginx']:.1f}{redis} us",
+        f"{r['server_cpu_us_per_delivery']:.1f} us/delivery (nginx)",
+        "-",
+        f"{r['deliveries_per_s']:,.0f} deliveries/s",
+        f"{r['events_per_read']:.2f}",
+        f"{100 * r['others_cpu_share']:.0f}%",
+    ]
+
+
+# -- Herald against the nchan reference ---------------------------------------------------------
+
+
+def herald_cpu_us(r: dict[str, Any], mode: str) -> float:
+    """Herald's CPU per delivery as set against nchan's: compose, the stack's sum (the figure its
+    targets judge); direct, the stream worker, nginx and the publisher (DIRECT_HERALD)."""
+    if mode == "compose":
+        return float(r["server_cpu_us_per_delivery"])
+    per = r["cpu_us_per_delivery"]
+    return sum(float(per.get(name, 0.0)) for name in DIRECT_HERALD)
+
+
+def offered_per_s(r: dict[str, Any]) -> float:
+    """Deliveries per second the fan-out offered: subscribers x publish rate."""
+    return float(r["streams"]) * float(r["rate_events_per_s"])
+
+
+def _ratio(value: float, base: float) -> float:
+    return value / base if base > 0 else float("inf")
+
+
+def reference_rows(results: dict[str, Any], mode: str) -> list[list[str]]:
+    """Herald's fan-out rows as multiples of the nchan reference's (empty without the reference)."""
+    nchan = results.get("reference", {}).get("nchan")
+    fanout = results.get("fanout", {})
+    if not nchan or not fanout:
+        return []
+    counted = "whole stack" if mode == "compose" else "stream + nginx + publisher"
+    table = [
+        [
+            "fan-out vs nchan",
+            f"CPU/delivery ({counted})",
+            "x nchan",
+            "p99",
+            "x nchan",
+            "deliveries/s",
+            "of offered",
+        ]
+    ]
+    base_cpu, base_p99 = nchan["server_cpu_us_per_delivery"], nchan["latency_ms"]["p99"]
+    for path, r in fanout.items():
+        cpu, p99 = herald_cpu_us(r, mode), r["latency_ms"]["p99"]
+        table.append(
+            [
+                path,
+                f"{cpu:.1f} us",
+                f"{_ratio(cpu, base_cpu):.2f}x",
+                f"{p99:.1f} ms",
+                f"{_ratio(p99, base_p99):.2f}x",
+                f"{r['deliveries_per_s']:,.0f}/s",
+                f"{100 * r['deliveries_per_s'] / offered_per_s(r):.1f}%",
+            ]
+        )
+    table.append(
+        [
+            "nchan (reference)",
+            f"{base_cpu:.1f} us",
+            "1x",
+            f"{base_p99:.1f} ms",
+            "1x",
+            f"{nchan['deliveries_per_s']:,.0f}/s",
+            f"{100 * nchan['deliveries_per_s'] / offered_per_s(nchan):.1f}%",
+        ]
+    )
+    return table
+
+
+def _reference_targets(path: str, r: dict[str, Any], nchan: dict[str, Any] | None) -> list[Target]:
+    """Compose mode, netns: Herald's fan-out against nchan's (when it ran) and against the offer."""
+    offered, rate = offered_per_s(r), r["deliveries_per_s"]
+    targets = [
+        Target(
+            f"fan-out deliveries/s ({path})",
+            f"= offered ({offered:,.0f}/s, within {100 * REF_OFFERED_SLACK:g}%)",
+            f"{rate:,.0f}/s ({100 * rate / offered:.1f}%)",
+            verdict(rate >= offered * (1 - REF_OFFERED_SLACK)),
+        )
+    ]
+    if not nchan:
+        return targets
+    cpu, base_cpu = r["server_cpu_us_per_delivery"], nchan["server_cpu_us_per_delivery"]
+    p99, base_p99 = r["latency_ms"]["p99"], nchan["latency_ms"]["p99"]
+    cpu_ratio, p99_ratio = _ratio(cpu, base_cpu), _ratio(p99, base_p99)
+    return [
+        *targets,
+        Target(
+            f"fan-out CPU vs nchan ({path})",
+            f"<= {REF_CPU_RATIO:g}x nchan's nginx per delivery",
+            f"{cpu_ratio:.2f}x ({cpu:.1f} vs {base_cpu:.1f} us)",
+            verdict(cpu_ratio <= REF_CPU_RATIO),
+        ),
+        Target(
+            f"fan-out p99 vs nchan ({path})",
+            f"<= {REF_P99_RATIO:g}x nchan's p99",
+            f"{p99_ratio:.2f}x ({p99:.1f} vs {base_p99:.1f} ms)",
+            verdict(p99_ratio <= REF_P99_RATIO),
+        ),
+    ]
+
+
+# -- several runs side by side (bench --compare) ---------------------------------------------------
+
+
+def comparison_rows(reports: list[tuple[str, dict[str, Any]]]) -> list[list[str]]:
+    """The fan-out rows of several reports (name, report), each labelled with its run and transport.
+
+    Herald's rows are set against the nchan reference of their own run, measured in
+    the same minutes; a report without a transport predates the setting ("-").
+    """
+    table = [
+        [
+            "run",
+            "transport",
+            "path",
+            "load",
+            "latency ms p50/p95/p99/max",
+            "CPU/delivery",
+            "x nchan",
+            "p99 x nchan",
+            "deliveries/s",
+            "ev/read",
+        ]
+    ]
+    for name, report in reports:
+        mode, results = report["mode"], report["results"]
+        transport = str(report.get("transport") or "-")
+        nchan = results.get("reference", {}).get("nchan")
+        for path, r in results.get("fanout", {}).items():
+            cpu, p99 = herald_cpu_us(r, mode), r["latency_ms"]["p99"]
+            versus = nchan is not None
+            table.append(
+                [
+                    name,
+                    transport,
+                    f"{mode} {path}",
+                    f"{r['streams']:,} x {r['events_each']} @ {r['rate_events_per_s']:g}/s",
+                    _lat(r) + ("" if r["complete"] else " INCOMPLETE"),
+                    f"{cpu:.1f} us",
+                    f"{_ratio(cpu, nchan['server_cpu_us_per_delivery']):.2f}x" if versus else "-",
+                    f"{_ratio(p99, nchan['latency_ms']['p99']):.2f}x" if versus else "-",
+                    f"{r['deliveries_per_s']:,.0f}/s",
+                    f"{r['events_per_read']:.2f}",
+                ]
+            )
+        if nchan:
+            table.append(
+                [
+                    name,
+                    "-",
+                    "nchan (reference)",
+                    f"{nchan['streams']:,} x {nchan['events_each']} @ {nchan['rate_events_per_s']:g}/s",
+                    _lat(nchan) + ("" if nchan["complete"] else " INCOMPLETE"),
+                    f"{nchan['server_cpu_us_per_delivery']:.1f} us",
+                    "1x",
+                    "1x",
+                    f"{nchan['deliveries_per_s']:,.0f}/s",
+                    f"{nchan['events_per_read']:.2f}",
+                ]
+            )
     return table

@@ -10,6 +10,9 @@ stream worker are real gunicorn processes started with their own
 gunicorn.conf.py (tests.support.services.start_service), and nginx is the
 distribution's binary run as a child process with a temporary prefix and
 Herald's own template rendered the way the nginx image's entrypoint does it.
+nginx reaches the stream worker the way STREAM_TRANSPORT says under Compose
+(`transport`): "unix", over the worker's slot socket (STREAM_SOCKET_DIR in the
+temporary directory, one slot), or "tcp", at its loopback port.
 Every process is started here and stopped here, by its own id.
 """
 
@@ -65,6 +68,8 @@ NGINX_VARS = {
     "NGINX_UPSTREAM_RESOLVE": "",
 }
 
+
+TRANSPORTS = ("unix", "tcp")  # STREAM_TRANSPORT: how nginx reaches the stream workers
 
 Address = tuple[str, int]
 # What a target counts: CPU per delivered event, per publish, or memory and CPU of idle streams.
@@ -333,6 +338,18 @@ def find_nginx() -> str | None:
     return next((c for c in NGINX_CANDIDATES if os.access(c, os.X_OK)), None)
 
 
+def apt_install(package: str) -> None:
+    """Install one of Debian's packages (the caller checked that this runs as root with apt-get)."""
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (
+        ["apt-get", "update", "-qq"],
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", package],
+    ):
+        run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
+        if run.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{run.stdout}{run.stderr}")
+
+
 def ensure_nginx() -> str:
     """The nginx binary; installs Debian's package when missing and running as root."""
     found = find_nginx()
@@ -342,36 +359,50 @@ def ensure_nginx() -> str:
         raise RuntimeError(
             "the bench needs nginx: install Debian's package first (sudo apt-get install -y nginx)"
         )
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (
-        ["apt-get", "update", "-qq"],
-        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "nginx"],
-    ):
-        run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
-        if run.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed:\n{run.stdout}{run.stderr}")
+    apt_install("nginx")
     found = find_nginx()
     if not found:
         raise RuntimeError("nginx was installed but its binary was not found")
     return found
 
 
-def render_server(template: str, *, listen: int, publisher: int, stream: int, prefix: Path) -> str:
+def stream_vars(stream: int, socket: Path | None) -> dict[str, str]:
+    """HERALD_STREAM_TARGET and HERALD_STREAM_SERVERS as nginx/entrypoint.sh renders them.
+
+    `socket`: the stream worker's Unix socket (STREAM_TRANSPORT=unix: the
+    upstream herald_streams, that one slot); None for tcp (its loopback port;
+    the upstream, unused then, names the same port).
+    """
+    if socket is None:
+        return {
+            "HERALD_STREAM_TARGET": f"127.0.0.1:{stream}",
+            "HERALD_STREAM_SERVERS": f"server 127.0.0.1:{stream};",
+        }
+    return {
+        "HERALD_STREAM_TARGET": "herald_streams",
+        "HERALD_STREAM_SERVERS": f"server unix:{socket} max_fails=1 fail_timeout=1s;",
+    }
+
+
+def render_server(
+    template: str, *, listen: int, publisher: int, stream: int, prefix: Path, socket: Path | None = None
+) -> str:
     """Herald's server block for loopback: what the nginx image's envsubst would produce.
 
     Only the variables compose.yaml passes are substituted (nginx's own $vars
-    stay), the service names become loopback host:port, the log and html paths
-    point into the temporary prefix and the repository.
+    stay), with the stream target of the transport (`socket`, stream_vars), the
+    service names become loopback host:port, the log and html paths point into
+    the temporary prefix and the repository.
     """
+    variables = {**NGINX_VARS, **stream_vars(stream, socket)}
 
     def substitute(match: re.Match[str]) -> str:
-        return NGINX_VARS[match.group(1)]
+        return variables[match.group(1)]
 
-    names = "|".join(NGINX_VARS)
+    names = "|".join(variables)
     text = re.sub(r"\$\{(" + names + r")\}", substitute, template)
     replacements = {
         "publisher-service:8000": f"127.0.0.1:{publisher}",
-        "stream-service:8000": f"127.0.0.1:{stream}",
         "listen 80 default_server;": f"listen 127.0.0.1:{listen} default_server backlog=4096;",
         "/var/log/nginx/access.log": str(prefix / "logs" / "access.log"),
         "root /usr/share/nginx/html;": f"root {HTML_ROOT};",
@@ -389,12 +420,15 @@ def render_server(template: str, *, listen: int, publisher: int, stream: int, pr
     return text
 
 
+def temp_path_directives(temp: Path) -> str:
+    """nginx's temporary directories inside the bench's prefix (lines of the http block)."""
+    kinds = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    return "\n".join(f"    {kind}_temp_path {temp / kind};" for kind in kinds)
+
+
 def render_main(prefix: Path, nofile: int) -> str:
     temp = prefix / "temp"
-    paths = "\n".join(
-        f"    {kind}_temp_path {temp / kind};"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
+    paths = temp_path_directives(temp)
     mime = "/etc/nginx/mime.types" if Path("/etc/nginx/mime.types").exists() else "mime.types"
     return f"""# Generated by tests/load/stack.py for the bench.
 daemon off;
@@ -436,7 +470,9 @@ class Nginx:
         stop_process(self.process, signal.SIGQUIT, timeout=10)
 
 
-def start_nginx(binary: str, tmp: Path, *, publisher: int, stream: int, nofile: int) -> Nginx:
+def start_nginx(
+    binary: str, tmp: Path, *, publisher: int, stream: int, nofile: int, socket: Path | None = None
+) -> Nginx:
     prefix = tmp / "nginx"
     for sub in ("conf", "logs", "temp"):
         (prefix / sub).mkdir(parents=True)
@@ -445,7 +481,7 @@ def start_nginx(binary: str, tmp: Path, *, publisher: int, stream: int, nofile: 
         path.chmod(0o755)
     port = free_port()
     server = render_server(
-        TEMPLATE.read_text(), listen=port, publisher=publisher, stream=stream, prefix=prefix
+        TEMPLATE.read_text(), listen=port, publisher=publisher, stream=stream, prefix=prefix, socket=socket
     )
     (prefix / "conf" / "herald.conf").write_text(server)
     conf = prefix / "conf" / "nginx.conf"
@@ -478,6 +514,7 @@ class Stack:
     stream: Service
     nginx: Nginx
     nofile: int
+    transport: str = "unix"
     settings: dict[str, str] = field(default_factory=dict)
     mode: str = "direct"
 
@@ -505,7 +542,7 @@ class Stack:
             "nginx",
             ("127.0.0.1", self.nginx.port),
             ("127.0.0.1", self.nginx.port),
-            via=f"nginx (127.0.0.1:{self.nginx.port})",
+            via=f"nginx (127.0.0.1:{self.nginx.port}), to the stream worker over {self.transport}",
         )
         return [direct, nginx] if scenario in ("fanout", "publish") else [direct]
 
@@ -547,13 +584,15 @@ class Stack:
     def headline(self) -> str:
         return (
             f"direct mode: publisher {len(self.pids['publisher'])} workers, stream 1 worker; "
-            f"nginx {self.nginx.version()}, Redis {self.redis.version()}"
+            f"nginx {self.nginx.version()} to the stream worker over {self.transport}, "
+            f"Redis {self.redis.version()}"
         )
 
     def describe(self) -> dict[str, object]:
         stream_workers = self.stream_workers()
         return {
             "mode": self.mode,
+            "transport": self.transport,
             "redis": {"url": self.redis.url, "version": self.redis.version(), "network": self.redis.network},
             "nginx": {"version": self.nginx.version(), "url": self.nginx.url, "template_vars": NGINX_VARS},
             "publisher": {
@@ -583,9 +622,21 @@ def start_stack(
     max_connections: int,
     nofile: int,
     redis_fsync: str = "always",
+    transport: str = "unix",
 ) -> Stack:
-    """Redis, the publisher, one stream worker and nginx; stopped again if any part fails."""
+    """Redis, the publisher, one stream worker and nginx; stopped again if any part fails.
+
+    `transport`: how nginx reaches the stream worker (TRANSPORTS, as STREAM_TRANSPORT).
+    """
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {TRANSPORTS}, not {transport!r}")
     nginx_binary = ensure_nginx()
+    # The worker claims slot 1 of its own socket directory (stream/slots.py).
+    sockets = tmp / "stream-sockets"
+    unix = transport == "unix"
+    if unix:
+        sockets.mkdir()
+        sockets.chmod(0o755)  # nginx's workers (nobody, when the master is root) connect in it
     redis_server = RedisServer(redis_url) if redis_url else start_redis(tmp, redis_image(), redis_fsync)
     started: list[Service] = []
     try:
@@ -599,16 +650,21 @@ def start_stack(
             tmp,
             WEB_CONCURRENCY="1",
             MAX_CONNECTIONS=str(max_connections),
+            STREAM_SOCKET_DIR=str(sockets) if unix else "",  # empty: no socket
+            STREAM_SLOTS="1",
         )
         started.append(stream)
-        nginx = start_nginx(nginx_binary, tmp, publisher=publisher.port, stream=stream.port, nofile=nofile)
+        socket = sockets / "stream-1.sock" if unix else None
+        nginx = start_nginx(
+            nginx_binary, tmp, publisher=publisher.port, stream=stream.port, nofile=nofile, socket=socket
+        )
     except BaseException:
         for service in started:
             with contextlib.suppress(Exception):
                 service.stop()
         redis_server.stop()
         raise
-    stack = Stack(tmp, redis_server, publisher, stream, nginx, nofile)
+    stack = Stack(tmp, redis_server, publisher, stream, nginx, nofile, transport)
     try:
         deadline = time.monotonic() + 20
         while len(stack.publisher_workers()) < publisher_workers and time.monotonic() < deadline:

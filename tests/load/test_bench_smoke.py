@@ -2,11 +2,13 @@
 
 `python -m tests.load.bench --mode direct --quick` starts its own Redis,
 services and nginx, runs every scenario on both paths with a few dozen clients,
-and must exit 0 with every subscriber having got every event exactly once, in
-order, and a JSON report with every scenario's figures. `--quick` in the
-default compose mode (about 30 s) does the same against the Compose stack, on
-both paths to nginx, and must leave no container behind. The figures themselves
-are not judged here: they depend on the machine (see docs/benchmark.md).
+and the fan-out on the nchan reference too, and must exit 0 with every
+subscriber having got every event exactly once, in order, and a JSON report
+with every scenario's figures. The same with `--transport tcp` (fan-out only)
+records that transport. `--quick` in the default compose mode (about 30 s) does
+the same against the Compose stack, on both paths to nginx, and must leave no
+container behind. The figures themselves are not judged here: they depend on
+the machine (see docs/benchmark.md). A few checks of the options need no stack.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ from typing import Any
 import pytest
 
 from tests.e2e.support import compose_command
-from tests.load.stack import find_nginx
+from tests.load.bench import parse_args
+from tests.load.compose import bench_settings, compose_env
+from tests.load.nchan import find_module
+from tests.load.stack import TEMPLATE, find_nginx, render_server
 from tests.support.docker import REDIS_IMAGE, docker_available, in_ci, require_docker
 from tests.support.services import ROOT
 
@@ -49,32 +54,27 @@ def assert_delivered(name: str, result: dict[str, Any]) -> None:
     assert result["complete"] is True, name
 
 
-def test_quick_bench_delivers_every_event_in_order(tmp_path: Path) -> None:
+def nchan_available() -> bool:
+    """The nchan reference can run: the module is there, or the bench may install it (root, CI)."""
+    return find_module() is not None or (in_ci() and os.geteuid() == 0)
+
+
+def run_direct(out: Path, *args: str, timeout: float = 150) -> tuple[dict[str, Any], str]:
+    """`bench --mode direct --quick ARGS` (skipped without nginx or Docker); its report and output."""
     if find_nginx() is None and not in_ci():
         pytest.skip("the bench needs nginx: sudo apt-get install -y nginx (in CI the bench installs it)")
     if not os.environ.get("REDIS_URL"):
         require_docker("the bench smoke test")
-    out = tmp_path / "bench.json"
     # The same Redis image as the integration tests (pinned, or the local stand-in).
     env = {**os.environ, "HERALD_TEST_REDIS_IMAGE": REDIS_IMAGE}
+    command = [sys.executable, "-m", "tests.load.bench", "--mode", "direct", "--quick", "--json", str(out)]
     run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.load.bench",
-            "--mode",
-            "direct",
-            "--quick",
-            "--json",
-            str(out),
-            "--max-seconds",
-            "90",
-        ],
+        [*command, "--max-seconds", "90", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=150,
+        timeout=timeout,
         check=False,
     )
     output = f"stdout:\n{run.stdout[-4000:]}\nstderr:\n{run.stderr[-4000:]}"
@@ -82,6 +82,13 @@ def test_quick_bench_delivers_every_event_in_order(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert report["ok"] is True, output
     assert report["errors"] == {}, output
+    return report, output
+
+
+def test_quick_bench_delivers_every_event_in_order(tmp_path: Path) -> None:
+    reference = nchan_available()
+    report, output = run_direct(tmp_path / "bench.json", *(() if reference else ("--no-reference",)))
+    assert report["transport"] == "unix" == report["stack"]["transport"]
     results = report["results"]
 
     assert set(results["idle"]) == {"direct"}
@@ -103,6 +110,13 @@ def test_quick_bench_delivers_every_event_in_order(tmp_path: Path) -> None:
             assert figures["stored_events"] >= figures["events"], f"publish/{path}/{kind}"
         assert result["single"]["requests"] == 200
 
+    if reference:
+        # nchan's fan-out, right after Herald's: the same clients, sizes and checks.
+        assert report["reference"] == "nchan"
+        nchan = results["reference"]["nchan"]
+        assert_reference(nchan, streams=50, events=20)
+        assert "fan-out vs nchan" in output and "nchan (reference)" in output, output
+
     assert_delivered("many-channels", results["many-channels"])
 
     assert set(results["scaling"]) == {"50", "100", "200"}
@@ -114,6 +128,60 @@ def test_quick_bench_delivers_every_event_in_order(tmp_path: Path) -> None:
     assert all(t["status"] in {"PASS", "MISS", "n/a"} for t in report["targets"])
     delivery = next(t for t in report["targets"] if t["name"] == "delivery")
     assert delivery["status"] == "PASS"
+
+
+REFERENCE_KEYS = (DELIVERY_KEYS - {"stream_cpu_us_per_delivery"}) | {
+    "server_cpu_us_per_delivery",
+    "reference",
+}
+
+
+def assert_reference(result: dict[str, Any], *, streams: int, events: int) -> None:
+    """The nchan reference's fan-out: complete, in order, its nginx's CPU counted."""
+    assert result.keys() >= REFERENCE_KEYS, f"missing {REFERENCE_KEYS - result.keys()}"
+    assert result["received"] == result["expected_deliveries"] == streams * events
+    assert result["errors"] == 0 and result["complete"] is True
+    assert result["counted"] == ["nginx"] and result["cpu_s"]["nginx"] >= 0
+    assert result["nchan_published"] == events
+    assert result["reference"]["workers"] == 1
+    assert result["open"]["live"] == streams
+
+
+def test_quick_bench_tcp_transport_is_recorded(tmp_path: Path) -> None:
+    """--transport tcp: nginx reaches the stream worker at its port; the report says so."""
+    report, _ = run_direct(
+        tmp_path / "bench.json", "--transport", "tcp", "--scenario", "fanout", "--no-reference"
+    )
+    assert report["transport"] == "tcp" == report["stack"]["transport"]
+    assert report["reference"] is None and "reference" not in report["results"]
+    assert "over tcp" in report["routes"]["nginx"]["via"]
+    for path, result in report["results"]["fanout"].items():
+        assert_delivered(f"fanout/{path}", result)
+
+
+def test_transport_and_reference_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The options' defaults and checks, the Compose setting and nginx's stream target: no stack."""
+    args = parse_args([])
+    assert (args.mode, args.transport, args.reference) == ("compose", "unix", "nchan")
+    args = parse_args(["--transport", "tcp", "--scenario", "fanout", "--no-reference"])
+    assert (args.transport, args.reference) == ("tcp", "none")
+    assert parse_args(["--mode", "direct", "--scenario", "idle"]).reference == "none"
+    assert parse_args(["--mode", "direct", "--transport", "tcp"]).transport == "tcp"
+    for wrong in (["--transport", "udp"], ["--scenario", "idle", "--reference", "nchan"]):
+        with pytest.raises(SystemExit):
+            parse_args(wrong)
+    # Compose mode: STREAM_TRANSPORT reaches Compose, whatever the caller's shell exports.
+    settings = bench_settings("p", 1, 10000, "tcp")
+    assert settings["STREAM_TRANSPORT"] == "tcp"
+    monkeypatch.setenv("STREAM_TRANSPORT", "unix")
+    assert compose_env(settings)["STREAM_TRANSPORT"] == "tcp"
+    # Direct mode: nginx's stream target as nginx/entrypoint.sh renders it for each transport.
+    template, prefix = TEMPLATE.read_text(), Path("/tmp/x")
+    tcp = render_server(template, listen=1, publisher=2, stream=3, prefix=prefix)
+    socket = prefix / "stream-1.sock"
+    unix = render_server(template, listen=1, publisher=2, stream=3, prefix=prefix, socket=socket)
+    assert "set $stream 127.0.0.1:3;" in tcp
+    assert "set $stream herald_streams;" in unix and "server unix:/tmp/x/stream-1.sock" in unix
 
 
 def _require_compose_bench() -> None:
@@ -146,6 +214,7 @@ def test_quick_compose_bench_measures_both_paths(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert report["ok"] is True and report["errors"] == {}, output
     assert report["mode"] == "compose"
+    assert report["transport"] == "unix" and report["stack"]["stream_target"] == "herald_streams"
     results = report["results"]
     for scenario in ("idle", "fanout", "publish"):
         assert set(results[scenario]) == {"proxy", "netns"}, scenario
@@ -161,8 +230,10 @@ def test_quick_compose_bench_measures_both_paths(tmp_path: Path) -> None:
     for path, result in results["publish"].items():
         for kind in ("single", "batched"):
             assert result[kind]["statuses"] == {"202": result[kind]["requests"]}, f"{path}/{kind}"
+    assert_reference(results["reference"]["nchan"], streams=50, events=20)
     names = {t["name"] for t in report["targets"]}
     assert {"idle RSS (netns)", "fan-out CPU (proxy)", "publish CPU (netns)"} <= names
+    assert {"fan-out CPU vs nchan (netns)", "fan-out p99 vs nchan (netns)"} <= names
     left = subprocess.run(
         ["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={report['stack']['project']}"],
         capture_output=True,

@@ -19,13 +19,13 @@ ENTRYPOINT = ROOT / "nginx" / "entrypoint.sh"
 # on stdout, a line each; its arguments (nginx's error lines, in this test)
 # written to stderr.
 FAKE_IMAGE_ENTRYPOINT = """#!/bin/sh
-printf '%s\\n' "$HERALD_REAL_IP" "$HERALD_CORS_ORIGINS"
+printf '%s\\n' "$HERALD_REAL_IP" "$HERALD_CORS_ORIGINS" "$HERALD_STREAM_TARGET" "$HERALD_STREAM_SERVERS"
 for line in "$@"; do printf '%s\\n' "$line" >&2; done
 """
 
 
 def run_entrypoint(
-    tmp_path: Path, real_ip_from: str, *stderr_lines: str, cors: str = ""
+    tmp_path: Path, real_ip_from: str, *stderr_lines: str, cors: str = "", **settings: str
 ) -> subprocess.CompletedProcess[str]:
     if shutil.which("sed") is None or shutil.which("mkfifo") is None:
         pytest.skip("needs sed and mkfifo")
@@ -37,6 +37,7 @@ def run_entrypoint(
         "REAL_IP_FROM": real_ip_from,
         "CORS_ALLOWED_ORIGINS": cors,
         "HERALD_IMAGE_ENTRYPOINT": str(fake),
+        **settings,
     }
     return subprocess.run(
         ["sh", str(ENTRYPOINT), *stderr_lines],
@@ -66,7 +67,7 @@ def run_entrypoint(
 def test_real_ip_from_becomes_real_ip_directives(tmp_path: Path, value: str, directives: str) -> None:
     result = run_entrypoint(tmp_path, value)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == directives + "\n\n"
+    assert result.stdout.split("\n")[0] == directives
 
 
 @pytest.mark.parametrize(
@@ -94,6 +95,43 @@ def test_an_origin_nginx_cannot_render_safely_stops_it_from_starting(tmp_path: P
     assert "CORS_ALLOWED_ORIGINS" in result.stderr and result.stdout == ""
 
 
+def test_stream_slots_become_one_unix_server_each(tmp_path: Path) -> None:
+    result = run_entrypoint(tmp_path, "", STREAM_SLOTS="3")
+    assert result.returncode == 0, result.stderr
+    target, servers = result.stdout.split("\n")[2:4]
+    assert target == "herald_streams"
+    assert servers == "".join(f"server unix:/run/herald/stream-{n}.sock max_fails=0; " for n in (1, 2, 3))
+    # The default: 8 slots, the same default as the stream service's (stream/slots.py).
+    default = run_entrypoint(tmp_path, "").stdout.split("\n")[3]
+    assert default.count("server unix:") == 8 and "stream-8.sock" in default
+
+
+def test_stream_transport_tcp_names_the_service(tmp_path: Path) -> None:
+    domain = "herald.svc.cluster.local"
+    result = run_entrypoint(tmp_path, "", STREAM_TRANSPORT="tcp", NGINX_SERVICE_DOMAIN=domain)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[2] == "stream-service.herald.svc.cluster.local:8000"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("STREAM_SLOTS", "0"),
+        ("STREAM_SLOTS", "257"),
+        ("STREAM_SLOTS", "8;"),
+        ("STREAM_SLOTS", "٣"),
+        ("STREAM_TRANSPORT", "udp"),
+        ("STREAM_TRANSPORT", "unix; deny all"),
+    ],
+)
+def test_a_stream_setting_nginx_cannot_render_stops_it_from_starting(
+    tmp_path: Path, name: str, value: str
+) -> None:
+    result = run_entrypoint(tmp_path, "", **{name: value})
+    assert result.returncode == 1
+    assert name in result.stderr and result.stdout == ""
+
+
 @pytest.mark.parametrize("value", ["10.0.0.0/8;", "10.0.0.1; deny all", "*", "proxy.example", "10.0.0.0/8 x"])
 def test_a_real_ip_from_that_is_not_an_address_stops_nginx_from_starting(tmp_path: Path, value: str) -> None:
     result = run_entrypoint(tmp_path, value)
@@ -114,6 +152,17 @@ def test_nginx_error_lines_lose_their_query_strings(tmp_path: Path) -> None:
         prefix + 'request: "GET /stream?a="&TO%6BEN=S5 HTTP/1.1", host: "h"',
         prefix + 'request: "GET /stream?a=1 x&t%6Fken=S6 HTTP/1.1"',
         "nginx: [notice] signal process started",
+        # An empty stream slot, refused and skipped (nginx then tries the next): dropped.
+        "2026/12/04 16:46:31 [error] 38#38: *12 connect() to unix:/run/herald/stream-4.sock failed "
+        "(2: No such file or directory) while connecting to upstream, client: 1.2.3.4, server: _",
+        "2026/12/04 16:46:31 [error] 38#38: *13 connect() to unix:/run/herald/stream-2.sock failed "
+        "(111: Connection refused) while connecting to upstream, client: 1.2.3.4, server: _",
+        # Kept: every other upstream failure, and a slot that failed otherwise.
+        "2026/12/04 16:46:31 [error] 38#38: *14 no live upstreams while connecting to upstream",
+        "2026/12/04 16:46:31 [error] 38#38: *15 connect() to unix:/run/herald/stream-1.sock failed "
+        "(13: Permission denied) while connecting to upstream",
+        "2026/12/04 16:46:31 [warn] 38#38: *16 upstream server temporarily disabled while reading response "
+        'header from upstream, upstream: "http://unix:/run/herald/stream-1.sock:/stream"',
     ]
     result = run_entrypoint(tmp_path, "", *lines)
     assert result.returncode == 0
@@ -126,6 +175,7 @@ def test_nginx_error_lines_lose_their_query_strings(tmp_path: Path) -> None:
         prefix + 'request: "GET /stream?[redacted]',
         prefix + 'request: "GET /stream?[redacted]',
         "nginx: [notice] signal process started",
+        *lines[-3:],
     ]
 
 
