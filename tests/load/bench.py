@@ -314,9 +314,10 @@ class Bench:
         failed = perf.finish()
         if failed:
             return {"error": failed}
-        table = breakdown(perf.samples(), self.component_pids(), deliveries)
+        components = self.component_pids()
+        table = breakdown(perf.samples(), components, deliveries)
         log(f"  perf ({perf.out}):\n{format_breakdown(table)}")
-        return {"file": str(perf.out), "us_per_delivery": table}
+        return {"file": str(perf.out), "us_per_delivery": table, "pids": components}
 
     async def publish_paced(
         self,

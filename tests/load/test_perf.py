@@ -1,47 +1,80 @@
-"""tests.load.perf: samples become µs per delivery, by component and kind of kernel work."""
+"""tests.load.perf: samples with call chains become µs per delivery, by component and by
+what the kernel was doing (which system call, or the receive softirq)."""
 
 from __future__ import annotations
 
-import pytest
+from tests.load.perf import Sample, breakdown, format_breakdown, kind_of, layer_of, parse_script
 
-from tests.load.perf import breakdown, format_breakdown, kernel_kind
+# What `perf script -F pid,period,ip,sym,dso` prints for a recording with -g.
+SCRIPT = """\
+  10    2000000
+\tffffffff81e7260e veth_xmit ([kernel.kallsyms])
+\tffffffff81756eda __dev_queue_xmit ([kernel.kallsyms])
+\tffffffff8175706c tcp_sendmsg ([kernel.kallsyms])
+\tffffffff8175912c __sys_sendto ([kernel.kallsyms])
+\tffffffff8223b5d1 do_syscall_64 ([kernel.kallsyms])
+\t          108f36 send (/usr/lib/x86_64-linux-gnu/libc.so.6)
+
+  10    1000000
+\tffffffff81e7260e nf_hook_slow ([kernel.kallsyms])
+\tffffffff81e72600 ip_rcv ([kernel.kallsyms])
+\tffffffff81e72500 net_rx_action ([kernel.kallsyms])
+\tffffffff81e72400 handle_softirqs ([kernel.kallsyms])
+\tffffffff81e72300 __local_bh_enable_ip ([kernel.kallsyms])
+\tffffffff8175912c __sys_sendto ([kernel.kallsyms])
+\tffffffff8223b5d1 do_syscall_64 ([kernel.kallsyms])
+
+  20    3000000
+\t          14f38 ngx_http_upstream_process_non_buffered_request (/usr/sbin/nginx)
+
+  20    1000000
+\tffffffff81e7260e _raw_spin_unlock_irqrestore ([kernel.kallsyms])
+\tffffffff8175912c do_epoll_wait ([kernel.kallsyms])
+\tffffffff8223b5d1 do_syscall_64 ([kernel.kallsyms])
+
+  0    9000000
+\tffffffff81e7260e pv_native_safe_halt ([kernel.kallsyms])
+"""
 
 
-@pytest.mark.parametrize(
-    ("symbol", "kind"),
-    [
-        ("br_handle_frame", "bridge/veth"),
-        ("veth_xmit", "bridge/veth"),
-        ("nf_hook_slow", "netfilter"),
-        ("ipt_do_table", "netfilter"),
-        ("unix_stream_sendmsg", "unix socket"),
-        ("tcp_sendmsg_locked", "tcp/ip"),
-        ("__dev_queue_xmit", "tcp/ip"),
-        ("__do_softirq", "softirq"),
-        ("ep_poll_callback", "epoll"),
-        ("_copy_to_iter", "copy"),
-        ("__schedule", "scheduling"),
-        ("entry_SYSCALL_64_after_hwframe", "syscall entry/exit"),
-        ("kmem_cache_alloc", "other kernel"),
-    ],
-)
-def test_kernel_symbols_fall_into_kinds(symbol: str, kind: str) -> None:
-    assert kernel_kind(symbol) == kind
+def test_call_chains_are_parsed() -> None:
+    samples = parse_script(SCRIPT)
+    assert [(s.pid, s.period, len(s.frames)) for s in samples] == [
+        (10, 2000000, 6),
+        (10, 1000000, 7),
+        (20, 3000000, 1),
+        (20, 1000000, 3),
+        (0, 9000000, 1),
+    ]
+    assert samples[0].frames[0] == ("veth_xmit", True)
+    assert samples[2].frames[0] == ("ngx_http_upstream_process_non_buffered_request", False)
+
+
+def test_kernel_time_goes_to_its_system_call_or_softirq() -> None:
+    samples = parse_script(SCRIPT)
+    assert [kind_of(s) for s in samples[:4]] == ["send", "softirq (receive path)", "user", "epoll_wait"]
+    assert [layer_of(s) for s in samples[:4]] == ["bridge/veth", "netfilter", None, None]
+    accept = (("kmem_cache_alloc", True), ("__sys_accept4", True), ("do_syscall_64", True))
+    assert kind_of(Sample(1, 1, accept)) == "accept4()"
+    writev = (("vfs_writev", True), ("do_writev", True), ("x64_sys_call", True), ("do_syscall_64", True))
+    assert kind_of(Sample(1, 1, writev)) == "send"
+    assert kind_of(Sample(1, 1, (("asm_sysvec_apic_timer_interrupt", True),))) == "other kernel"
 
 
 def test_periods_become_microseconds_per_delivery() -> None:
-    ms = 1_000_000  # a cpu-clock sample's period is in nanoseconds
-    samples = [
-        (10, "PyEval_EvalFrameDefault", False, 3 * ms),
-        (10, "unix_stream_sendmsg", True, 1 * ms),
-        (20, "tcp_recvmsg", True, 2 * ms),
-        (20, "ngx_http_upstream_process_non_buffered_request", False, 4 * ms),
-        (0, "default_idle", True, 50 * ms),  # idle: not counted
-    ]
-    table = breakdown(samples, {"stream": [10], "nginx": [20]}, deliveries=1000)
+    table = breakdown(parse_script(SCRIPT), {"stream": [10], "nginx": [20]}, deliveries=1000)
     assert table == {
-        "stream": {"user": 3.0, "unix socket": 1.0},
-        "nginx": {"user": 4.0, "tcp/ip": 2.0},
+        "stream": {
+            "send": 2.0,
+            "of which bridge/veth": 2.0,
+            "softirq (receive path)": 1.0,
+            "of which netfilter": 1.0,
+        },
+        "nginx": {"user": 3.0, "epoll_wait": 1.0},
     }
-    text = format_breakdown(table)
-    assert text.splitlines()[0].split() == ["nginx", "6.0", "µs/delivery:", "user", "4.0,", "tcp/ip", "2.0"]
+    nginx, stream = format_breakdown(table).splitlines()  # the costlier first
+    assert nginx.split()[:2] == ["nginx", "4.0"]
+    assert stream.split(": ", 1)[1] == (
+        "send 2.0, softirq (receive path) 1.0, of which bridge/veth 2.0, of which netfilter 1.0"
+    )
+    assert stream.split()[:2] == ["stream", "3.0"]  # layers are not counted twice
