@@ -1,3 +1,5 @@
+# Twins: on_starting() and child_exit() here and in stream-service/gunicorn.conf.py
+# are identical: change both together (tests/unit/test_conventions.py checks it).
 """gunicorn settings for the publisher; each can be overridden from the environment."""
 
 import os
@@ -7,11 +9,18 @@ import tempfile
 # keeps its metrics in this directory, and /metrics adds them up.
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="herald-metrics-"))
 
+# Everything that depends on gunicorn's version is in publisher/server.py, the
+# worker class among them. It refuses to start under another major version of
+# gunicorn, and says what to check.
+from publisher.server import check_version
+
+check_version()
+
 wsgi_app = "publisher.app:create_app()"
 bind = os.environ.get("BIND", "0.0.0.0:8000")
-# gunicorn's gevent worker, which also closes idle keep-alive connections when
-# it stops (publisher/worker.py).
-worker_class = "publisher.worker.Worker"
+# gunicorn's gevent worker, with one write per answer, which also closes idle
+# keep-alive connections when it stops (publisher/server.py).
+worker_class = "publisher.server.Worker"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "1000"))
 # Publishes are short; a worker that blocks this long is stuck.
@@ -32,7 +41,8 @@ errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info")
 # Do not preload: Redis clients must be created after the fork and gevent's patching.
 preload_app = False
-# gunicorn 27's control socket lives in the home directory; the services have none.
+# gunicorn 27's control socket lives in the home directory; the services have none
+# (publisher/server.py lists what else depends on gunicorn's version).
 control_socket_disable = True
 
 # JSON log lines (with the request id) for gunicorn and the app.

@@ -1,3 +1,5 @@
+# Twins: on_starting() and child_exit() here and in publisher-service/gunicorn.conf.py
+# are identical: change both together (tests/unit/test_conventions.py checks it).
 """gunicorn settings for the stream service; each can be overridden from the environment."""
 
 import os
@@ -9,6 +11,14 @@ os.environ.setdefault("GEVENT_TRACK_GREENLET_TREE", "false")
 # Before anything imports prometheus_client: every worker (forked later) then
 # keeps its metrics in this directory, and /metrics adds them up.
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="herald-metrics-"))
+
+# Everything that depends on gunicorn's version is in stream/server.py, the hooks
+# post_worker_init (the handover's switch, the stop of open streams) and
+# worker_exit among them: gunicorn finds them here by name. It refuses to start
+# under another major version of gunicorn, and says what to check.
+from stream.server import KEEPALIVE, check_version, post_worker_init, worker_exit  # noqa: F401
+
+check_version()
 
 wsgi_app = "stream.app:create_app()"
 # Comma-separated addresses. TCP 8000 carries the health checks, /stats and
@@ -36,14 +46,12 @@ workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
 worker_connections = int(os.environ.get("MAX_CONNECTIONS", "10000")) + 100
 # For gevent workers this is a liveness check of the worker, not a request timeout.
 timeout = 30
-# Streams never end by themselves: on stop the app ends them (see post_worker_init),
+# Streams never end by themselves: on stop the app ends them (see post_worker_init below),
 # and gunicorn waits this long for them to close. Keep compose's stop_grace_period above it.
 graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "10"))
-# One request per connection. A stream's connection is handed over to its
-# writer (stream/app.py) and must not be read for a next request; gunicorn 27's
-# keep-alive loop would (it ignores a handled-elsewhere answer). The other
-# endpoints (health checks, /stats, /metrics) lose nothing worth keeping.
-keepalive = 0
+# One request per connection: a handed-over stream's socket must not be read
+# for a next request (stream/server.py says why).
+keepalive = KEEPALIVE
 # Never recycle stream workers: recycling cuts every open stream.
 max_requests = 0
 accesslog = "-" if os.environ.get("ACCESS_LOG", "0") == "1" else None
@@ -80,40 +88,3 @@ def child_exit(server, worker):  # type: ignore[no-untyped-def]
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
-
-
-def post_worker_init(worker):  # type: ignore[no-untyped-def]
-    """End every open stream cleanly as soon as the worker is told to stop.
-
-    gunicorn's gevent worker only stops accepting on TERM and then waits for open
-    requests; SSE streams would hold it until graceful_timeout and then be cut.
-    Ending them at once lets browsers reconnect (to another replica) right away.
-    """
-    import gc
-
-    import gevent
-    from gunicorn.workers.base_async import AsyncWorker
-
-    # An async worker honours ALREADY_HANDLED: stream connections are handed
-    # over to their writers and no greenlet waits per stream (stream/app.py).
-    worker.wsgi.config["HERALD_HANDOVER"] = isinstance(worker, AsyncWorker)
-
-    # Everything loaded so far lives as long as the worker: keep it out of the
-    # garbage collector's full passes, which otherwise pause every stream.
-    gc.freeze()
-
-    def watch() -> None:
-        while worker.alive:
-            gevent.sleep(0.2)
-        hub = worker.wsgi.extensions.get("herald.hub")
-        if hub is not None:
-            hub.shutdown()
-
-    gevent.spawn(watch)
-
-
-def worker_exit(server, worker):  # type: ignore[no-untyped-def]
-    """End the streams still open (handed over, gunicorn does not wait for them)."""
-    hub = getattr(worker, "wsgi", None) and worker.wsgi.extensions.get("herald.hub")
-    if hub is not None and not hub.core.stopping:
-        hub.shutdown()

@@ -13,10 +13,11 @@ from flask import Flask, Response, request
 ALLOWED_HEADERS = "Content-Type, Authorization, Idempotency-Key"
 
 
-def init_app(app: Flask, origins: tuple[str, ...], forbidden: Callable[[], Response | None]) -> None:
+def init_app(app: Flask, origins: tuple[str, ...], check_origin: Callable[[], None]) -> None:
     """Answer preflights for /publish and add CORS headers for allowed origins.
 
-    `forbidden` refuses a preflight as it would the request (publisher/guard.py).
+    `check_origin` refuses a preflight (raises) as it would the request
+    (publisher/access.py).
     """
     wildcard = "*" in origins
     exact = frozenset(o for o in origins if o != "*")
@@ -35,9 +36,7 @@ def init_app(app: Flask, origins: tuple[str, ...], forbidden: Callable[[], Respo
 
     @app.route("/publish", methods=["OPTIONS"])
     def preflight() -> Response:
-        denied = forbidden()
-        if denied is not None:
-            return denied
+        check_origin()
         response = Response(status=204)
         if request.headers.get("Origin") in exact or wildcard:
             response.headers["Access-Control-Allow-Methods"] = "POST"

@@ -1,3 +1,5 @@
+# Twins: publisher-service/publisher/logs.py and stream-service/stream/logs.py
+# are identical, byte for byte: change both together (tests/unit/test_conventions.py checks it).
 """Logs as JSON lines, each with the request id nginx generates (X-Request-ID),
 and never a subscribe token."""
 

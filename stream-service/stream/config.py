@@ -85,30 +85,37 @@ class Config:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
-        """Build the configuration from `env` (default: the process environment)."""
+        """Build the configuration from `env` (default: the process environment).
+
+        Each default is the field's, above; the minimums are here.
+        """
         env = os.environ if env is None else env
         return cls(
             redis_url=env.get("REDIS_URL", "").strip() or cls.redis_url,
-            max_channels_per_stream=_int(env, "MAX_CHANNELS_PER_STREAM", 16, 1),
-            retry_ms=_int(env, "RETRY_MS", 3000, 0),
-            heartbeat_seconds=_number(env, "HEARTBEAT_SECONDS", 15.0, 0.1),
-            max_connections=_int(env, "MAX_CONNECTIONS", 10000, 1),
-            client_buffer_bytes=_int(env, "CLIENT_BUFFER_BYTES", 262144, 1024),
-            client_buffer_max_bytes=_int(env, "CLIENT_BUFFER_MAX_BYTES", 4194304, 1024),
-            client_buffer_seconds=_number(env, "CLIENT_BUFFER_SECONDS", 10.0, 0.1),
-            watchdog_seconds=_number(env, "WATCHDOG_SECONDS", 10.0, 0.5),
-            subscribe_timeout_seconds=_number(env, "SUBSCRIBE_TIMEOUT_SECONDS", 5.0, 0.1),
-            redis_pool_size=_int(env, "REDIS_POOL_SIZE", 8, 1),
-            retry_after_seconds=_int(env, "RETRY_AFTER_SECONDS", 2, 1),
-            subscribe_secret=env.get("SUBSCRIBE_SECRET", ""),
-            subscribe_audience=env.get("SUBSCRIBE_AUDIENCE", "").strip(),
-            subscribe_issuer=env.get("SUBSCRIBE_ISSUER", "").strip(),
+            max_channels_per_stream=_int(env, "MAX_CHANNELS_PER_STREAM", cls.max_channels_per_stream, 1),
+            retry_ms=_int(env, "RETRY_MS", cls.retry_ms, 0),
+            heartbeat_seconds=_number(env, "HEARTBEAT_SECONDS", cls.heartbeat_seconds, 0.1),
+            max_connections=_int(env, "MAX_CONNECTIONS", cls.max_connections, 1),
+            client_buffer_bytes=_int(env, "CLIENT_BUFFER_BYTES", cls.client_buffer_bytes, 1024),
+            client_buffer_max_bytes=_int(env, "CLIENT_BUFFER_MAX_BYTES", cls.client_buffer_max_bytes, 1024),
+            client_buffer_seconds=_number(env, "CLIENT_BUFFER_SECONDS", cls.client_buffer_seconds, 0.1),
+            watchdog_seconds=_number(env, "WATCHDOG_SECONDS", cls.watchdog_seconds, 0.5),
+            subscribe_timeout_seconds=_number(
+                env, "SUBSCRIBE_TIMEOUT_SECONDS", cls.subscribe_timeout_seconds, 0.1
+            ),
+            redis_pool_size=_int(env, "REDIS_POOL_SIZE", cls.redis_pool_size, 1),
+            retry_after_seconds=_int(env, "RETRY_AFTER_SECONDS", cls.retry_after_seconds, 1),
+            # The secret is taken as it is, spaces and all.
+            subscribe_secret=env.get("SUBSCRIBE_SECRET", cls.subscribe_secret),
+            subscribe_audience=env.get("SUBSCRIBE_AUDIENCE", "").strip() or cls.subscribe_audience,
+            subscribe_issuer=env.get("SUBSCRIBE_ISSUER", "").strip() or cls.subscribe_issuer,
+            # Set but blank: no private channels at all (.env.example).
             private_prefix=env.get("PRIVATE_CHANNEL_PREFIX", cls.private_prefix),
             token_cookie=env.get("SUBSCRIBE_TOKEN_COOKIE", "").strip() or cls.token_cookie,
-            cors_origins=_list(env, "CORS_ALLOWED_ORIGINS"),
-            partitions=_int(env, "PARTITIONS", 1, 1),
+            cors_origins=_list(env, "CORS_ALLOWED_ORIGINS") or cls.cors_origins,
+            partitions=_int(env, "PARTITIONS", cls.partitions, 1),
             redis_mode=env.get("REDIS_MODE", "").strip().lower() or cls.redis_mode,
-            presence_ttl_seconds=_number(env, "PRESENCE_TTL_SECONDS", 30.0, 3.0),
+            presence_ttl_seconds=_number(env, "PRESENCE_TTL_SECONDS", cls.presence_ttl_seconds, 3.0),
         )
 
     def __post_init__(self) -> None:

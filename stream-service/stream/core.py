@@ -1,12 +1,15 @@
 """The stream service's core: every partition, channel and stream of one worker,
-and every decision about them, with no I/O (no gevent, no sockets, no redis-py).
+and every decision about them, with no I/O (no gevent, no sockets, no Redis
+calls: of contract.py it takes only the key names).
 
 Inputs are method calls: a stream opens or leaves, Redis confirms a
 subscription, a message arrives, a partition's connection is lost or back,
-history was read, a tick. Each returns what to do, as actions (`Subscribe`,
-`Deliver`, `Reset`, ...), which the adapters carry out: `hub.py` (Redis
-Pub/Sub, timers) and `writer.py` (one writer per stream, the only code that
-touches its socket).
+history was read, a tick. Each returns what to do, as actions (actions.py:
+`Subscribe`, `Deliver`, `Reset`, ...), which the adapters carry out: `hub.py`
+and its links (link.py; Redis Pub/Sub, timers) and `writer.py` (one writer
+per stream, the only code that touches its socket). The records the core
+keeps are in records.py, event ids in ids.py, the frames it builds in
+frames.py.
 
 The rules, in one place:
 - Channels are hashed into partitions (docs/redis-contract.md); each partition
@@ -31,166 +34,39 @@ The rules, in one place:
 
 from __future__ import annotations
 
-import enum
 import heapq
-import json
-import re
-import zlib
-from collections import deque
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterable
 
 from . import sse
+from .actions import (
+    Action,
+    Beat,
+    Deliver,
+    End,
+    Malformed,
+    ReadGap,
+    Ready,
+    Reset,
+    Subscribe,
+    Unsubscribe,
+)
+from .contract import live_key, partition_in_key, partition_of
+from .frames import PREAMBLE_COMMENT, TOKEN_EXPIRED, Payload, envelope, event_body, reset_body, with_id
+from .ids import Position, resume_points
+from .records import (
+    Channel,
+    ChannelState,
+    EventItem,
+    HistoryRequest,
+    Item,
+    Partition,
+    Replay,
+    ResetItem,
+    Stream,
+    StreamState,
+)
 
-PLAIN_ID_RE = re.compile(r"([0-9a-f]{12})-([0-9]{1,18})")
-ENTRY_ID_RE = re.compile(r"([0-9]{1,4})\.([0-9a-f]{12})-([0-9]{1,18})")
-MAX_ID_ENTRIES = 64
-PREAMBLE_COMMENT = sse.comment(b"ok")
-HEARTBEAT = sse.comment(b"hb")
-TOKEN_EXPIRED = sse.frame(json.dumps({"reason": "token_expired"}).encode(), event=b"token_expired")
-
-
-# -- partitions and keys ----------------------------------------------------------
-
-
-def partition_of(channel: str, partitions: int) -> int:
-    """The channel's partition: CRC-32 of its name, modulo the partition count."""
-    return zlib.crc32(channel.encode()) % partitions
-
-
-def tag(partition: int) -> str:
-    """The hash tag prefix of every key of `partition`."""
-    return f"herald:{{p{partition}}}"
-
-
-def live_key(channel: str, partition: int) -> bytes:
-    """The sharded Pub/Sub channel that carries `channel`'s events."""
-    return f"{tag(partition)}:live:{channel}".encode()
-
-
-# -- positions and frames -------------------------------------------------------
-
-
-class BadEventId(ValueError):
-    """A Last-Event-ID / lastEventId that is neither form of an event id."""
-
-
-@dataclass(frozen=True, slots=True)
-class Position:
-    """A point in one partition's event sequence: its epoch and a sequence number."""
-
-    epoch: str
-    seq: int
-
-    @classmethod
-    def parse(cls, text: str) -> Position:
-        """Parse a plain event id, `<epoch>-<seq>`; raise BadEventId otherwise."""
-        match = PLAIN_ID_RE.fullmatch(text.strip())
-        if not match:
-            raise BadEventId("the last event id must look like <12 hex digits>-<number>")
-        return cls(match[1], int(match[2]))
-
-    def __str__(self) -> str:
-        return f"{self.epoch}-{self.seq}"
-
-
-# A resume point as the client sent it: a plain id (partition None, to be
-# matched with the stream's one partition), or a vector {partition: position}.
-ResumeId = dict[int | None, Position]
-
-
-def parse_event_id(text: str) -> ResumeId:
-    """Parse a Last-Event-ID: `<epoch>-<seq>`, or `<p>.<epoch>-<seq>` entries joined by `_`."""
-    text = text.strip()
-    match = PLAIN_ID_RE.fullmatch(text)
-    if match:
-        return {None: Position(match[1], int(match[2]))}
-    entries = text.split("_")
-    out: ResumeId = {}
-    for entry in entries[:MAX_ID_ENTRIES]:
-        match = ENTRY_ID_RE.fullmatch(entry)
-        if not match or int(match[1]) in out:
-            break
-        out[int(match[1])] = Position(match[2], int(match[3]))
-    else:
-        if len(entries) <= MAX_ID_ENTRIES:
-            return out
-    raise BadEventId(
-        "the last event id must be an id this service sent: <12 hex digits>-<number>, "
-        f"or up to {MAX_ID_ENTRIES} entries <partition>.<12 hex digits>-<number> joined by _"
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class HistoryEvent:
-    """One event read back from a channel's history stream."""
-
-    seq: int
-    channel: str
-    event: bytes
-    data: bytes
-
-
-@dataclass(slots=True)
-class Replay:
-    """History of one partition as read for a stream (or for the worker after a
-    reconnect): the missed events, or a reset and why."""
-
-    epoch: str
-    seq: int  # the partition's newest sequence number in Redis when history was read
-    events: list[HistoryEvent] = field(default_factory=list)
-    reset: str | None = None
-    # False: a page that stopped short; more events follow its last one.
-    complete: bool = True
-
-
-def event_body(event: bytes, data: bytes) -> bytes:
-    """An event's frame without its id line: event, data (line separators escaped), blank line."""
-    return sse.frame(sse.json_data(data), event=event)
-
-
-def with_id(id: bytes, body: bytes) -> bytes:
-    """A frame: the `id:` line, then the body (ids are built here, never from input)."""
-    return b"id: " + id + b"\n" + body
-
-
-def reset_body(reason: str) -> bytes:
-    """A `reset` event without its id: history cannot cover the gap."""
-    return sse.frame(json.dumps({"reason": reason}).encode(), event=b"reset")
-
-
-def envelope(channel: str, data: bytes) -> bytes:
-    """The data of an event on a multi-channel stream: the channel, then the data."""
-    return b'{"channel":"' + channel.encode() + b'","data":' + data + b"}"
-
-
-class Payload:
-    """One event's bodies (frames without an id line), each built once, when first needed:
-    as single-channel streams get it, and wrapped with its channel for multi-channel streams."""
-
-    __slots__ = ("_plain", "_wrapped", "channel", "data", "event")
-
-    def __init__(self, channel: str, event: bytes, data: bytes, plain: bytes | None = None) -> None:
-        self.channel, self.event, self.data = channel, event, data
-        self._plain = plain
-        self._wrapped: bytes | None = None
-
-    def plain(self) -> bytes:
-        if self._plain is None:
-            self._plain = event_body(self.event, self.data)
-        return self._plain
-
-    def wrapped(self) -> bytes:
-        if self._wrapped is None:
-            self._wrapped = event_body(self.event, envelope(self.channel, self.data))
-        return self._wrapped
-
-    def body_for(self, stream: Stream) -> bytes:
-        return self.wrapped() if stream.wrap else self.plain()
-
-
-# -- errors -------------------------------------------------------------------
+__all__ = ["Core", "Full", "Unavailable"]
 
 
 class Unavailable(Exception):
@@ -202,270 +78,6 @@ class Full(Unavailable):
 
     def __init__(self) -> None:
         super().__init__("this worker is at its connection limit")
-
-
-# -- records ------------------------------------------------------------------
-
-
-class Partition:
-    """One partition as this worker sees it: its connection, epoch and position."""
-
-    __slots__ = (
-        "connected",
-        "epoch",
-        "epoch_b",
-        "gap_from",
-        "held",
-        "number",
-        "position",
-        "reading_gap",
-        "recovering",
-        "unconfirmed",
-    )
-
-    def __init__(self, number: int) -> None:
-        self.number = number
-        self.connected = False
-        self.recovering = False  # connected, resubscribing and replaying the gap
-        self.epoch: str | None = None
-        self.epoch_b = b""
-        self.position = 0  # the last sequence number dispatched
-        self.gap_from: Position | None = None  # where the gap replay starts, if one is due
-        self.reading_gap = False  # a ReadGap is out; recovery ends with its gap_read
-        self.unconfirmed = 0  # channels with an outstanding SUBSCRIBE during recovery
-        self.held: list[tuple[bytes, bytes]] = []  # messages that arrived during recovery
-
-    @property
-    def ready(self) -> bool:
-        return self.connected and not self.recovering
-
-    def set_epoch(self, epoch: str, seq: int) -> None:
-        self.epoch, self.epoch_b, self.position = epoch, epoch.encode(), seq
-
-
-class ChannelState(enum.Enum):
-    SUBSCRIBING = "subscribing"  # a SUBSCRIBE is due or unconfirmed
-    CONFIRMED = "confirmed"  # subscribed, but the partition is replaying its gap: not live yet
-    LIVE = "live"  # subscribed, and every event after `live_at` comes live
-
-
-class Channel:
-    """One channel of this worker: its partition, its local streams, its subscription."""
-
-    __slots__ = ("key", "live_at", "name", "outstanding", "part", "state", "streams")
-
-    def __init__(self, key: bytes, name: str, part: Partition) -> None:
-        self.key = key
-        self.name = name
-        self.part = part
-        self.streams: set[Stream] = set()
-        self.state = ChannelState.SUBSCRIBING
-        self.outstanding = 0  # SUBSCRIBE commands sent and not confirmed
-        self.live_at: int | None = None  # the partition's position when it went live
-
-
-class StreamState(enum.Enum):
-    WAITING = "waiting"  # for its channels to go live
-    CATCHING_UP = "catching_up"  # history is being read; live events are queued
-    LIVE = "live"  # every event goes to its writer at once
-    CLOSED = "closed"
-
-
-@dataclass(frozen=True, slots=True)
-class EventItem:
-    """A live event queued for a stream that is catching up."""
-
-    part: int
-    seq: int
-    id: bytes  # the partition's own id, `<epoch>-<seq>`
-    payload: Payload
-    size: int  # bytes it counts for in the queue
-
-
-@dataclass(frozen=True, slots=True)
-class ResetItem:
-    """A reset queued for a stream that is catching up: it moves partition `part` to `to`."""
-
-    part: int
-    to: Position
-    frame: bytes
-    body: bytes
-
-    @property
-    def size(self) -> int:
-        return len(self.frame)
-
-
-Item = EventItem | ResetItem
-
-
-class Stream:
-    """One client's stream: its channels, its position in each of their
-    partitions, its queue while catching up.
-
-    `writer` belongs to the adapters; the core only carries it along.
-    """
-
-    __slots__ = (
-        "channels",
-        "closed",
-        "epochs",
-        "expires",
-        "history",
-        "keys",
-        "parts",
-        "queue",
-        "queue_dropped",
-        "queued_bytes",
-        "reset",
-        "resume",
-        "seqs",
-        "state",
-        "vector",
-        "wrap",
-        "writer",
-    )
-
-    def __init__(
-        self,
-        channels: Sequence[str],
-        resume: ResumeId | Position | None = None,
-        expires: float | None = None,
-    ) -> None:
-        self.channels = tuple(channels)
-        self.resume: ResumeId | None = {None: resume} if isinstance(resume, Position) else resume
-        self.expires = expires  # when its subscribe token runs out (epoch seconds)
-        self.state = StreamState.WAITING
-        self.keys: tuple[bytes, ...] = ()  # set by the core on open
-        self.parts: tuple[int, ...] = ()  # its partitions, ascending
-        self.vector = False  # over several partitions: it carries vector ids
-        self.wrap = len(self.channels) > 1  # several channels: each event's data names its channel
-        # Per partition, in the order of `parts` (lists: a stream's memory is
-        # what bounds a worker): the last position sent (or, while catching up,
-        # to send from). `slot` turns a partition number into an index.
-        self.epochs: tuple[str, ...] = ()  # immutable and interned: shared by like streams
-        self.seqs: list[int] = []
-        self.history: HistoryRequest | None = None  # what to read before it goes live
-        self.reset: str | None = None  # a reset due before it goes live, and why
-        self.queue: deque[Item] = deque()
-        self.queued_bytes = 0
-        # The queue overflowed since the current history read began: history
-        # must be read again before the stream can go live.
-        self.queue_dropped = False
-        self.closed: str | None = None  # why it ended
-        self.writer: Any = None
-
-    def slot(self, number: int) -> int:
-        """The index of partition `number` in `parts`, `epochs` and `seqs`."""
-        return self.parts.index(number) if self.vector else 0
-
-    def id(self) -> bytes:
-        """The stream's position as its clients see it: the id to resume from."""
-        if not self.vector:
-            return f"{self.epochs[0]}-{self.seqs[0]}".encode()
-        entries = zip(self.parts, self.epochs, self.seqs, strict=True)
-        return "_".join(f"{p}.{epoch}-{seq}" for p, epoch, seq in entries).encode()
-
-    @property
-    def position(self) -> Position:
-        """Its position in its first partition (all of it, for a single-partition stream)."""
-        return Position(self.epochs[0], self.seqs[0])
-
-    def __repr__(self) -> str:
-        at = self.id().decode() if self.epochs else "-"
-        return f"<Stream {','.join(self.channels)} {self.state.value} at {at}>"
-
-
-# -- actions ------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class HistoryRequest:
-    """Read history for a stream: per partition, events on `channels[p]` after `after[p]`.
-
-    With `check` (a resume), a replay that cannot be complete must come back as
-    a reset. Without (a fresh stream), only each partition's current epoch and
-    sequence number are needed, not its events.
-    """
-
-    channels: dict[int, tuple[str, ...]]
-    after: dict[int, Position]
-    check: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Subscribe:
-    partition: int
-    keys: tuple[bytes, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Unsubscribe:
-    partition: int
-    keys: tuple[bytes, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class ReadGap:
-    """Read what was published on `channels` of `partition` after `after` while away."""
-
-    partition: int
-    channels: tuple[str, ...]
-    after: Position
-
-
-@dataclass(frozen=True, slots=True)
-class Ready:
-    """`stream`'s channels are live: read `stream.history` (if any), then call caught_up."""
-
-    stream: Stream
-
-
-@dataclass(frozen=True, slots=True)
-class Deliver:
-    """Write `frame` (one event) to each of `streams`, which are live."""
-
-    frame: bytes
-    streams: list[Stream]
-
-
-@dataclass(frozen=True, slots=True)
-class Reset:
-    """Write `frame` (a reset event) to each of `streams`, which are live."""
-
-    reason: str
-    frame: bytes
-    streams: list[Stream]
-
-
-@dataclass(frozen=True, slots=True)
-class Beat:
-    """Write a heartbeat to each of `streams`, which are live."""
-
-    streams: list[Stream]
-
-
-@dataclass(frozen=True, slots=True)
-class End:
-    """`stream` is over (it left the core with this action): write `frame` (if
-    any), end the response, close the socket, count it by `reason`."""
-
-    stream: Stream
-    reason: str
-    frame: bytes = b""
-
-
-@dataclass(frozen=True, slots=True)
-class Malformed:
-    """A Pub/Sub message that does not follow the contract: log it, skip it."""
-
-    key: bytes
-
-
-Action = Subscribe | Unsubscribe | ReadGap | Ready | Deliver | Reset | Beat | End | Malformed
-
-
-# -- the core -----------------------------------------------------------------
 
 
 class Core:
@@ -513,6 +125,28 @@ class Core:
 
     def channels_of(self, part: Partition) -> list[Channel]:
         return [c for c in self.channels.values() if c.part is part]
+
+    # -- what the adapters read -------------------------------------------
+
+    def position_of(self, number: int) -> Position | None:
+        """The last position dispatched in partition `number` (None before its first connection)."""
+        part = self.parts[number]
+        return Position(part.epoch, part.position) if part.epoch else None
+
+    def channels_in(self, numbers: Iterable[int]) -> int:
+        """How many channels this worker has in partitions `numbers`."""
+        wanted = set(numbers)
+        return sum(1 for c in self.channels.values() if c.part.number in wanted)
+
+    def holds(self, key: bytes) -> bool:
+        """True if the core holds `key` subscribed: it has streams and no SUBSCRIBE out
+        (so an unsubscribe of it was not the core's)."""
+        channel = self.channels.get(key)
+        return channel is not None and channel.outstanding == 0 and channel.streams != set()
+
+    def stream_counts(self) -> dict[tuple[int, str], int]:
+        """Streams per (partition, channel name) on this worker, now."""
+        return {(c.part.number, c.name): len(c.streams) for c in self.channels.values() if c.streams}
 
     # -- streams ------------------------------------------------------------
 
@@ -695,7 +329,7 @@ class Core:
             stream.seqs[i] = item.seq
         if isinstance(item, ResetItem):
             return with_id(stream.id(), item.body) if stream.vector else item.frame
-        return with_id(stream.id() if stream.vector else item.id, item.payload.body_for(stream))
+        return with_id(stream.id() if stream.vector else item.id, item.payload.body(stream.wrap))
 
     def _interned(self, epochs: tuple[str, ...]) -> tuple[str, ...]:
         return self._epoch_sets.setdefault(epochs, epochs)
@@ -724,7 +358,8 @@ class Core:
         stream.epochs, stream.seqs = self._interned(tuple(epochs)), seqs
         by_part = self._channels_by_part(stream)
         if stream.resume is not None:
-            after = self._resume_points(stream)
+            assert stream.resume is not None
+            after = resume_points(stream.resume, stream.parts)
             if after is None:
                 # It names none of (or not all) its partitions: start from now, said as a reset.
                 stream.reset = "unknown_id"
@@ -747,17 +382,6 @@ class Core:
                 after = {p: Position(stream.epochs[i], stream.seqs[i]) for p, i in slots.items()}
                 stream.history = HistoryRequest({p: by_part[p] for p in recent}, after, check=False)
         return Ready(stream)
-
-    @staticmethod
-    def _resume_points(stream: Stream) -> dict[int, Position] | None:
-        """The stream's resume position in each of its partitions, or None if the id lacks one."""
-        resume = stream.resume
-        assert resume is not None
-        if None in resume:
-            return {stream.parts[0]: resume[None]} if not stream.vector else None
-        if not all(p in resume for p in stream.parts):
-            return None
-        return {p: resume[p] for p in stream.parts}
 
     # -- the Pub/Sub connection -------------------------------------------
 
@@ -910,8 +534,7 @@ class Core:
     def _part_of_key(self, key: bytes) -> Partition | None:
         """The partition named by a live key's hash tag (None if it names none of ours)."""
         try:
-            number = int(key[key.index(b"{p") + 2 : key.index(b"}")])
-            return self.parts[number]
+            return self.parts[partition_in_key(key)]
         except (ValueError, IndexError):
             return None
 

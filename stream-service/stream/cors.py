@@ -17,9 +17,11 @@ a `*` in the list allows any other origin, never with credentials.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from flask import Flask, Response, request
+
+from .errors import error
 
 ALLOW_METHODS = "GET, HEAD"
 ALLOW = "GET, HEAD, OPTIONS"
@@ -39,15 +41,8 @@ def allowed(origin: str | None, origins: tuple[str, ...]) -> dict[str, str]:
     return {}
 
 
-def init_app(
-    app: Flask,
-    origins: tuple[str, ...],
-    paths: Iterable[str],
-    error: Callable[..., Response],
-) -> None:
-    """Answer preflights on `paths`, and add CORS headers to every answer there.
-
-    `error(status, code, message, headers)` builds the service's JSON errors."""
+def init_app(app: Flask, origins: tuple[str, ...], paths: Iterable[str]) -> None:
+    """Answer preflights on `paths`, and add CORS headers to every answer there."""
     paths = tuple(paths)
 
     def preflight() -> Response:

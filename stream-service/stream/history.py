@@ -15,16 +15,16 @@ gap, makes Redis or this process hold more than a page
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
 from redis.cluster import RedisCluster
-from redis.exceptions import NoScriptError
 
-from .core import HistoryEvent, Position, Replay, tag
+from .contract import Script, channels_key, meta_key, stream_key
+from .ids import Position
+from .records import HistoryEvent, Replay
 
 # KEYS[1] = meta hash, KEYS[2] = channel index, KEYS[3..] = channel streams (all
 # of one partition: one slot on a cluster). ARGV[1] = 'after' (oldest first) or
@@ -41,7 +41,7 @@ from .core import HistoryEvent, Position, Replay, tag
 # missing from the index counts the partition's `forgotten` as its newest).
 # While merging, each channel is read 1, 2, 4 then 8 entries at a time, so the
 # look-ahead beyond the page stays within 8 entries per channel.
-READ_LUA = """#!lua flags=no-writes
+READ = Script("""#!lua flags=no-writes
 local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'forgotten')
 local epoch, seq = meta[1] or '', tonumber(meta[2] or '0')
 local out = {epoch, seq, '', 1}
@@ -105,7 +105,7 @@ while true do
   bytes = bytes + #name + #data
 end
 return out
-"""
+""")
 
 
 # KEYS[1] = meta hash; ARGV[1] = candidate epoch, ARGV[2] = the worker's epoch
@@ -113,7 +113,7 @@ return out
 # ARGV[4] = the partition count. Returns {epoch, seq} or {'', stored count}.
 # allow-oom: it writes a few bytes at most, and a full Redis must not stop the
 # stream workers from serving what it holds.
-META_LUA = """#!lua flags=allow-oom
+META = Script("""#!lua flags=allow-oom
 redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
 redis.call('HSETNX', KEYS[1], 'partitions', ARGV[4])
 local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'partitions')
@@ -126,11 +126,7 @@ if meta[1] == ARGV[2] and seq < tonumber(ARGV[3]) then
   meta[1] = ARGV[1]
 end
 return {meta[1], seq}
-"""
-
-
-READ_SHA = hashlib.sha1(READ_LUA.encode()).hexdigest()
-META_SHA = hashlib.sha1(META_LUA.encode()).hexdigest()
+""")
 
 
 def new_epoch() -> str:
@@ -150,14 +146,6 @@ class History:
         self._client = client
         self._partitions = partitions
 
-    def _run(self, script: str, sha: str, keys: list[str], args: list[Any]) -> Any:
-        """EVALSHA, or EVAL the first time a node lacks the script."""
-        client = self._client()
-        try:
-            return client.evalsha(sha, len(keys), *keys, *args)
-        except NoScriptError:
-            return client.eval(script, len(keys), *keys, *args)
-
     def meta(self, partition: int, seen: Position | None) -> Position:
         """The partition's current epoch and sequence number, creating the epoch if there is none.
 
@@ -167,7 +155,7 @@ class History:
         """
         seen_args: list[str | int] = [seen.epoch, seen.seq] if seen else ["", 0]
         args = [new_epoch(), *seen_args, self._partitions]
-        epoch, seq = self._run(META_LUA, META_SHA, [f"{tag(partition)}:meta"], args)
+        epoch, seq = META.run(self._client(), [meta_key(partition)], args)
         if not epoch:
             raise PartitionsMismatch(
                 f"Redis holds data for PARTITIONS={seq.decode()}, this service has "
@@ -196,13 +184,12 @@ class History:
         brings the data to `budget` bytes; `complete` says whether the page
         holds every event there is (after `after`, or before its oldest).
         """
-        prefix = tag(partition)
-        keys = [f"{prefix}:meta", f"{prefix}:channels"] + [f"{prefix}:stream:{c}" for c in channels]
+        keys = [meta_key(partition), channels_key(partition)] + [stream_key(c, partition) for c in channels]
         if after is not None:
             args: list[Any] = ["after", after.seq, most, budget, after.epoch if check else ""]
         else:
             args = ["before", "" if before is None else before, most, budget, ""]
-        raw = self._run(READ_LUA, READ_SHA, keys, [*args, *channels])
+        raw = READ.run(self._client(), keys, [*args, *channels])
         replay = Replay(raw[0].decode(), int(raw[1]), reset=raw[2].decode() or None, complete=raw[3] == 1)
         events = [
             HistoryEvent(int(seq), channels[index - 1], event, data)
@@ -213,6 +200,6 @@ class History:
 
     def now(self, partition: int) -> Replay:
         """The partition's current epoch and sequence number (no events)."""
-        raw: Any = self._client().hmget(f"{tag(partition)}:meta", ["epoch", "seq"])
+        raw: Any = self._client().hmget(meta_key(partition), ["epoch", "seq"])
         epoch, seq = raw
         return Replay((epoch or b"").decode(), int(seq or 0))

@@ -1,19 +1,21 @@
 """The hub: the worker's adapter between the core, Redis and the writers.
 
-One Redis Pub/Sub connection per Redis node per worker (a `Link`: on a single
-server, one), read by one greenlet each, feeds the core (core.py) and carries
-out what it decides: (un)subscribe, read the gap after a reconnect, hand each
-event's bytes to the writers of its live streams. One clock greenlet drives
-heartbeats and token expiry. Counters live here, in the Prometheus metrics,
-the one record behind both /stats and /metrics.
+One Redis Pub/Sub connection per Redis node per worker (a `Link`, link.py: on
+a single server, one), read by one greenlet each, feeds the core (core.py);
+the hub carries out what the core decides: (un)subscribe, read the gap after a
+reconnect, hand each event's bytes to the writers of its live streams. One
+clock greenlet drives heartbeats, token expiry and presence (presence.py).
+Counters live here, in the Prometheus metrics, the one record behind both
+/stats and /metrics.
 
-The connections are owned here: when one breaks, or goes quiet for longer than
-the watchdog allows (a hung Redis sends nothing and raises nothing), its link
-reconnects with backoff, and the core resubscribes and replays from history
-every event its partitions missed, so connected clients lose nothing. On a
-cluster the hub also follows the topology (topology.py): after a failover or a
-slot migration each partition moves to the link of its new node, and comes up
-there the same way.
+The links are owned here: the hub creates one per node and gives it the
+partitions that node owns. When a connection breaks, or goes quiet for longer
+than the watchdog allows (a hung Redis sends nothing and raises nothing), its
+link reconnects with backoff, and the core resubscribes and replays from
+history every event its partitions missed, so connected clients lose nothing.
+On a cluster the hub also follows the topology (topology.py): after a
+failover or a slot migration each partition moves to the link of its new
+node, and comes up there the same way.
 """
 
 from __future__ import annotations
@@ -26,33 +28,15 @@ from typing import Any
 import gevent
 import redis
 from gevent.event import Event
-from gevent.lock import Semaphore
-from redis.connection import ConnectionInterface
 
 from . import metrics
+from .actions import Action, Beat, Deliver, End, Malformed, ReadGap, Ready, Reset, Subscribe, Unsubscribe
 from .config import Config
-from .core import (
-    Action,
-    Beat,
-    Core,
-    Deliver,
-    End,
-    Full,
-    HistoryRequest,
-    Malformed,
-    Position,
-    ReadGap,
-    Ready,
-    Replay,
-    Reset,
-    Stream,
-    StreamState,
-    Subscribe,
-    Unavailable,
-    Unsubscribe,
-)
-from .history import History, PartitionsMismatch
+from .core import Core, Full, Unavailable
+from .history import History
+from .link import Link, Wiring
 from .presence import Presence
+from .records import HistoryRequest, Replay, Stream, StreamState
 from .topology import Address, Topology
 from .writer import chunk
 
@@ -68,10 +52,6 @@ GAP_BYTES = 1 << 20
 SETTLE_SECONDS = 10.0
 
 __all__ = ["Full", "Hub", "Unavailable"]
-
-
-class WatchdogExpired(Exception):
-    """Nothing came from Redis for longer than the watchdog allows."""
 
 
 class Hub:
@@ -97,6 +77,16 @@ class Hub:
         # Bytes dispatched since the hub last let clients run; see _yield_if_busy.
         self._burst = 0
         self._burst_limit = max(config.client_buffer_bytes // 4, 1)
+        # What each link is given: the core to feed, and these callbacks (link.py).
+        self._wiring = Wiring(
+            core=self.core,
+            do=self._do,
+            meta=history.meta,
+            reconnecting=self._replan_soon,
+            slot_left=lambda: self._replan_soon(settle=SETTLE_SECONDS),
+            yield_if_busy=self._yield_if_busy,
+            watchdog_seconds=config.watchdog_seconds,
+        )
 
     # -- life cycle -------------------------------------------------------
 
@@ -274,8 +264,7 @@ class Hub:
         waiter = self._waiters.get(action.stream)
         if waiter is not None:
             waiter.set()
-        if action.stream.writer is not None:
-            action.stream.writer.end(action.frame)
+        action.stream.writer.end(action.frame)  # a no-op if it never had one (records.UNATTACHED)
         metrics.CLIENTS.set(self.clients)
 
     def _read_gap(self, action: ReadGap) -> None:
@@ -312,7 +301,7 @@ class Hub:
             else:
                 self._do(self.core.expire(time.time()))
             if not self.core.stopping:
-                self.presence.sync(self.core)
+                self.presence.sync(self.core.stream_counts())
 
     # -- the Pub/Sub links ------------------------------------------------------
 
@@ -334,7 +323,7 @@ class Hub:
                 current.drop(number)
             link = self._links.get(address)
             if link is None or link.closed:
-                link = self._links[address] = Link(self, address)
+                link = self._links[address] = Link(address, self._topology.pubsub_pool(address), self._wiring)
             self._owner[number] = link
             link.add(number)
         for address, link in list(self._links.items()):
@@ -387,180 +376,3 @@ class Hub:
         if self._burst >= self._burst_limit:
             self._burst = 0
             gevent.sleep(0)
-
-
-class Link:
-    """One Pub/Sub connection to one Redis node, shared by all streams of the
-    worker whose channels live in its partitions; read by one greenlet.
-
-    The connection is owned here: when it breaks, or goes quiet for longer
-    than the watchdog allows (a hung Redis sends nothing and raises nothing),
-    the link reconnects with backoff (on a cluster, after the hub followed the
-    topology), and the core resubscribes and replays from history every event
-    its partitions missed, so connected clients lose nothing.
-    """
-
-    def __init__(self, hub: Hub, address: Address) -> None:
-        self.hub = hub
-        self.address = address
-        self.partitions: set[int] = set()  # assigned to this node
-        self.up: set[int] = set()  # brought up on the current connection
-        self.closed = False
-        self._pool = hub._topology.pubsub_pool(address)
-        self._conn: ConnectionInterface | None = None
-        self._lock = Semaphore()
-        self._greenlet = gevent.spawn(self._run)
-
-    @property
-    def healthy(self) -> bool:
-        return self._conn is not None and self.up == self.partitions
-
-    def add(self, number: int) -> None:
-        self.partitions.add(number)
-        if self._conn is not None:
-            gevent.spawn(self._bring_up_now)
-
-    def _bring_up_now(self) -> None:
-        conn = self._conn
-        try:
-            self._bring_up_pending()
-        except (redis.RedisError, OSError, PartitionsMismatch) as exc:
-            log.warning("could not bring a partition up on %s:%d (%s); reconnecting", *self.address, exc)
-            if conn is not None:
-                conn.disconnect()  # the reader fails, and starts over
-
-    def drop(self, number: int) -> None:
-        """Partition `number` moved away: its subscriptions here are gone (or soon)."""
-        self.partitions.discard(number)
-        if number in self.up:
-            self.up.discard(number)
-            self.hub._do(self.hub.core.connection_lost([number]))
-
-    def close(self) -> None:
-        self.closed = True
-        self._greenlet.kill(block=False)
-
-    # -- the reader ---------------------------------------------------------
-
-    def _run(self) -> None:
-        hub = self.hub
-        backoff = 0.05
-        try:
-            while not hub.core.stopping and not self.closed:
-                try:
-                    self._connect()
-                    backoff = 0.05
-                    self._read_forever()
-                except (redis.RedisError, OSError, WatchdogExpired) as exc:
-                    if not hub.core.stopping:
-                        log.warning("Redis Pub/Sub connection to %s:%d lost (%s)", *self.address, exc)
-                except PartitionsMismatch as exc:
-                    log.error("cannot serve streams: %s", exc)
-                except Exception:
-                    # A bug must not silence the worker: log it and start over from history.
-                    log.exception("the hub failed; reconnecting")
-                finally:
-                    self._disconnect()
-                if hub.core.stopping or self.closed:
-                    break
-                metrics.RECONNECTS.inc()
-                hub._replan_soon()
-                gevent.sleep(backoff * random.uniform(0.5, 1.0))
-                backoff = min(backoff * 2, 2.0)
-        finally:
-            self._disconnect()
-
-    def _connect(self) -> None:
-        conn = self._pool.make_connection()
-        conn.connect()
-        self._conn = conn
-        self._bring_up_pending()
-        channels = sum(1 for c in self.hub.core.channels.values() if c.part.number in self.up)
-        host, port = self.address
-        log.info("Pub/Sub connected to %s:%d: %d partitions, %d channels", host, port, len(self.up), channels)
-
-    def _bring_up_pending(self) -> None:
-        """Bring up, on this connection, every assigned partition not up yet."""
-        hub, core = self.hub, self.hub.core
-        while self._conn is not None and (pending := self.partitions - self.up):
-            number = min(pending)
-            part = core.parts[number]
-            seen = Position(part.epoch, part.position) if part.epoch else None
-            now = hub._history.meta(number, seen)
-            if number not in self.partitions or number in self.up or self._conn is None:
-                continue  # it moved, or came up, while we asked
-            self.up.add(number)
-            hub._do(core.connection_up(number, now.epoch, now.seq))
-
-    def _read_forever(self) -> None:
-        hub = self.hub
-        watchdog = hub._config.watchdog_seconds
-        assert self._conn is not None
-        conn = self._conn
-        core = hub.core
-        last = time.monotonic()
-        pinged = False
-        while not core.stopping:
-            if conn.can_read(timeout=min(1.0, watchdog / 4)):
-                try:
-                    reply = conn.read_response()
-                except redis.ResponseError as exc:
-                    # A SSUBSCRIBE refused with MOVED: that slot lives elsewhere now.
-                    log.info("Redis at %s:%d answered %s; following the topology", *self.address, exc)
-                    if isinstance(exc, redis.exceptions.MovedError) and exc.node_addr == self.address:
-                        # Sent to the very node we meant to reach: this connection
-                        # reached another node, which now has that node's old
-                        # address (every node restarted on new addresses). Start
-                        # over on a new connection, or the subscription stays lost.
-                        raise redis.ConnectionError(f"not connected to {exc.host}:{exc.port}") from exc
-                    hub._replan_soon(settle=SETTLE_SECONDS)
-                    continue
-                last = time.monotonic()
-                pinged = False
-                kind = reply[0]
-                if kind == b"smessage":
-                    metrics.RECEIVED.inc()
-                    hub._do(core.message(reply[1], reply[2]))
-                    hub._yield_if_busy()
-                elif kind == b"ssubscribe":
-                    hub._do(core.confirmed(reply[1]))
-                elif kind == b"sunsubscribe" and self._unasked(reply[1]):
-                    # Redis dropped a subscription we hold: its slot moved away.
-                    hub._replan_soon(settle=SETTLE_SECONDS)
-                # PING answers need nothing.
-                continue
-            idle = time.monotonic() - last
-            if idle > watchdog:
-                raise WatchdogExpired(f"no answer from Redis for {idle:.1f} s")
-            if idle > watchdog / 2 and not pinged:
-                self.send("PING")
-                pinged = True
-
-    def _unasked(self, key: bytes) -> bool:
-        """True if `key` is a channel the core still holds subscribed (so we did not unsubscribe it)."""
-        channel = self.hub.core.channels.get(key)
-        return channel is not None and channel.outstanding == 0 and channel.streams != set()
-
-    def _disconnect(self) -> None:
-        conn, self._conn = self._conn, None
-        lost, self.up = self.up, set()
-        if lost:
-            self.hub._do(self.hub.core.connection_lost(lost))
-        if conn is not None:
-            conn.disconnect()
-
-    # -- sending --------------------------------------------------------------
-
-    def send(self, *args: Any) -> None:
-        conn = self._conn
-        if conn is None:
-            raise redis.ConnectionError("not connected")
-        with self._lock:
-            conn.send_command(*args)
-
-    def send_quietly(self, *args: Any) -> None:
-        """Send a command; if the connection is broken the reader reconnects anyway."""
-        try:
-            self.send(*args)
-        except (redis.RedisError, OSError) as exc:
-            log.info("could not send %s (%s); the reconnect will catch up", args[0], exc)

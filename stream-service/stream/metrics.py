@@ -1,3 +1,5 @@
+# Twins: init_app() here and in publisher-service/publisher/metrics.py are
+# identical: change both together (tests/unit/test_conventions.py checks it).
 """Prometheus metrics of the stream service, correct under several gunicorn workers.
 
 gunicorn.conf.py sets PROMETHEUS_MULTIPROC_DIR before anything imports

@@ -14,8 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .core import HistoryEvent, Position, ResumeId, partition_of
+from .contract import partition_of
 from .history import History
+from .ids import Position, ResumeId, resume_points, vector_id
+from .records import HistoryEvent
 
 # The most data one /history answer holds (it holds at least one event): with
 # `limit` up to 1000 and events up to MAX_EVENT_BYTES, a page could otherwise
@@ -33,7 +35,7 @@ class Page:
         """The page's end as a stream id: plain for one partition, else a vector."""
         if len(self.positions) == 1:
             return str(next(iter(self.positions.values())))
-        return "_".join(f"{p}.{pos}" for p, pos in sorted(self.positions.items()))
+        return vector_id((p, pos.epoch, pos.seq) for p, pos in sorted(self.positions.items()))
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -56,15 +58,6 @@ def by_partition(channels: Sequence[str], partitions: int) -> dict[int, list[str
     for channel in channels:
         out.setdefault(partition_of(channel, partitions), []).append(channel)
     return dict(sorted(out.items()))
-
-
-def resume_points(after: ResumeId, numbers: Sequence[int]) -> dict[int, Position] | None:
-    """The position in each of `numbers` that `after` names, or None if it lacks one."""
-    if None in after:
-        return {numbers[0]: after[None]} if len(numbers) == 1 else None
-    if not all(n in after for n in numbers):
-        return None
-    return {n: after[n] for n in numbers}
 
 
 def read_page(

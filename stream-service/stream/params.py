@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 from werkzeug.datastructures import MultiDict
 
-from .core import BadEventId, ResumeId, parse_event_id
+from .ids import BadEventId, ResumeId, parse_event_id
 
 CHANNEL_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 DIGITS_RE = re.compile(r"[0-9]{1,9}")

@@ -16,7 +16,6 @@ Removing a count frees memory, so that is allowed even then.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import secrets
@@ -27,9 +26,9 @@ from typing import Any
 
 import redis
 from redis.cluster import RedisCluster
-from redis.exceptions import NoScriptError, OutOfMemoryError
+from redis.exceptions import OutOfMemoryError
 
-from .core import Core, tag
+from .contract import Script, presence_key
 
 log = logging.getLogger("herald.stream.presence")
 
@@ -38,7 +37,7 @@ log = logging.getLogger("herald.stream.presence")
 # Field value: "<count> <deadline ms, Redis clock>".
 # The shebang (no `allow-oom`): refused as a whole, before any write, when
 # Redis is over its maxmemory.
-WRITE_LUA = """#!lua
+WRITE = Script("""#!lua
 local now = redis.call('TIME')
 local deadline = now[1] * 1000 + math.floor(now[2] / 1000) + tonumber(ARGV[2])
 for i, key in ipairs(KEYS) do
@@ -46,22 +45,16 @@ for i, key in ipairs(KEYS) do
   redis.call('PEXPIRE', key, ARGV[2])
 end
 return #KEYS
-"""
-WRITE_SHA = hashlib.sha1(WRITE_LUA.encode()).hexdigest()
+""")
 
 # KEYS = presence hashes of one partition's channels where this worker has no
 # stream any more; ARGV[1] = worker id. Only deletes: allowed when Redis is full.
-FORGET_LUA = """#!lua flags=allow-oom
+FORGET = Script("""#!lua flags=allow-oom
 for _, key in ipairs(KEYS) do
   redis.call('HDEL', key, ARGV[1])
 end
 return #KEYS
-"""
-FORGET_SHA = hashlib.sha1(FORGET_LUA.encode()).hexdigest()
-
-
-def presence_key(partition: int, channel: str) -> str:
-    return f"{tag(partition)}:presence:{channel}"
+""")
 
 
 class Presence:
@@ -76,14 +69,13 @@ class Presence:
         self._next_refresh = 0.0
         self._full = False  # Redis refused the last write for memory (logged once)
 
-    def counts(self, core: Core) -> dict[tuple[int, str], int]:
-        """Streams per channel on this worker, now."""
-        return {(c.part.number, c.name): len(c.streams) for c in core.channels.values() if c.streams}
+    def sync(self, counts: dict[tuple[int, str], int]) -> None:
+        """Write what changed since the last sync (everything, when a refresh is due).
 
-    def sync(self, core: Core) -> None:
-        """Write what changed since the last sync (everything, when a refresh is due)."""
+        `counts` holds this worker's streams per (partition, channel) now
+        (`Core.stream_counts`).
+        """
         now = time.monotonic()
-        counts = self.counts(core)
         if now >= self._next_refresh:
             due = dict(counts)
         else:
@@ -130,18 +122,9 @@ class Presence:
                 gone.setdefault(partition, []).append(channel)
         client = self._client()
         for partition, channels in gone.items():
-            keys = [presence_key(partition, channel) for channel in channels]
-            self._run(client, FORGET_LUA, FORGET_SHA, keys, [self.worker])
+            keys = [presence_key(channel, partition) for channel in channels]
+            FORGET.run(client, keys, [self.worker])
         for partition, entries in kept.items():
-            keys = [presence_key(partition, channel) for channel, _ in entries]
+            keys = [presence_key(channel, partition) for channel, _ in entries]
             args: list[Any] = [self.worker, self._ttl_ms, *(count for _, count in entries)]
-            self._run(client, WRITE_LUA, WRITE_SHA, keys, args)
-
-    @staticmethod
-    def _run(
-        client: redis.Redis | RedisCluster, script: str, sha: str, keys: list[str], args: list[Any]
-    ) -> None:
-        try:
-            client.evalsha(sha, len(keys), *keys, *args)
-        except NoScriptError:
-            client.eval(script, len(keys), *keys, *args)
+            WRITE.run(client, keys, args)

@@ -8,6 +8,9 @@ in `id` and `event`, where the browser would end the field or ignore the id.
 `json_data` escapes U+2028, U+2029 and U+0085 in JSON data: browsers do not
 end a line on them, but some SSE parsers do (httpx-sse before 0.4.2 split
 lines with str.splitlines()), and a publisher could forge fields there.
+
+A stream's own frames (an event's body and id, resets, heartbeats) are built
+on these in frames.py.
 """
 
 from __future__ import annotations

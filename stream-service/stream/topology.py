@@ -15,7 +15,7 @@ from redis.cluster import RedisCluster
 from redis.connection import parse_url
 
 from .config import Config
-from .core import tag
+from .contract import meta_key
 
 Address = tuple[str, int]
 
@@ -74,7 +74,7 @@ class Topology:
             cluster.nodes_manager.initialize()
         owners = {}
         for p in partitions:
-            node = cluster.nodes_manager.get_node_from_slot(cluster.keyslot(f"{tag(p)}:meta"))
+            node = cluster.nodes_manager.get_node_from_slot(cluster.keyslot(meta_key(p)))
             owners[p] = (node.host, int(node.port))
         return owners
 

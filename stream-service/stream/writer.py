@@ -1,10 +1,10 @@
 """One writer per stream: the only code that writes to its socket.
 
 Under gunicorn's gevent worker a stream's connection is handed over to its
-writer once the response starts (app.py): the writer writes the response head,
-the catch-up, every event and heartbeat, and the end of the response (the last
-chunk, when chunked), then closes the socket. No greenlet waits per stream: the
-request's greenlet ends at the handover.
+writer once the response starts (handover.py): the writer writes the response
+head, the catch-up, every event and heartbeat, and the end of the response (the
+last chunk, when chunked), then closes the socket. No greenlet waits per
+stream: the request's greenlet ends at the handover.
 
 Writes never wait. What the socket takes at once is written; the rest is queued
 and written from the event loop as the socket drains. A slow client is one
@@ -31,7 +31,8 @@ from typing import Any
 import gevent
 from gevent.event import Event
 
-from .core import HEARTBEAT
+from .frames import HEARTBEAT
+from .server import raw_socket
 
 LAST_CHUNK = b"0\r\n\r\n"
 READ, WRITE = 1, 2  # libev event masks
@@ -103,7 +104,7 @@ class SocketWriter:
         self._sock = sock
         # The plain non-blocking socket under gevent's wrapper: written from the
         # event loop, where nothing may wait.
-        self._raw: socket.socket = getattr(sock, "_sock", sock)
+        self._raw = raw_socket(sock)
         self._keep: Any = None
         self._backlog = Backlog(limits)
         self._progress: Event | None = None  # set on each write, while someone waits to drain

@@ -403,6 +403,14 @@ def test_the_nginx_files_are_the_ones_compose_mounts() -> None:
     assert not stale, f"differ from nginx/: {stale}; run deploy/kubernetes/base/sync-nginx.sh"
 
 
+def test_herald_js_is_the_one_in_clients_js() -> None:
+    """The ConfigMap's herald.js is a copy of clients/js/herald.js (what nginx
+    serves at /herald.js): it must not drift. Fix with deploy/kubernetes/base/sync-nginx.sh."""
+    copy = KUBERNETES / "base" / "clients" / "js" / "herald.js"
+    original = ROOT / "clients" / "js" / "herald.js"
+    assert copy.read_bytes() == original.read_bytes(), "run deploy/kubernetes/base/sync-nginx.sh"
+
+
 def test_the_ingress_example_does_not_buffer_streams() -> None:
     ingress = named(overlay("full-example"), "Ingress", "herald")
     annotations = ingress["metadata"]["annotations"]

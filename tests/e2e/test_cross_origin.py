@@ -27,7 +27,7 @@ from tests.e2e.support import ROOT, Stack, free_port, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
-HERALD_JS = (ROOT / "nginx/html/herald.js").read_bytes()
+HERALD_JS = (ROOT / "clients/js/herald.js").read_bytes()
 PAGE = b"<!doctype html><html><head><title>another site</title></head><body></body></html>"
 
 

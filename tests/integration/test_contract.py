@@ -12,17 +12,21 @@ tests/integration/test_publisher.py checks the publisher with more partitions.
 
 from __future__ import annotations
 
+import ast
 import itertools
 import json
 import re
 import secrets
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from publisher import contract as publisher_contract
 from redis.client import Pipeline
+from stream import contract
 
 from tests.conftest import post_events
 from tests.integration.conftest import Deployment
@@ -76,7 +80,63 @@ def publish(base: str, body: Any) -> Any:
     return answer.json()
 
 
+# Each service names its keys in one module, its contract.py; these spell them
+# from the document to check both.
+SERVICES = Path(__file__).resolve().parents[2]
+PUBLISHER_MODULES = SERVICES / "publisher-service" / "publisher"
+STREAM_MODULES = SERVICES / "stream-service" / "stream"
+KEY_CHANNELS = ["", "a", "news", "chat.room-1", "private-x:y_z", "x" * 128, *(f"c.{i}" for i in range(50))]
+
+
+def presence_key(channel: str, partitions: int = 1) -> str:
+    """The presence hash of a channel, as the contract's key table spells it."""
+    return f"{keys.tag(channel, partitions)}:presence:{channel}"
+
+
+def modules_spelling_keys(folder: Path) -> list[str]:
+    """The modules of `folder` whose code spells a key (docstrings and comments may cite them)."""
+    spelling = []
+    for path in sorted(folder.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef)
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+        }
+        if any(
+            isinstance(node, ast.Constant) and "herald:" in str(node.value) and id(node) not in docstrings
+            for node in ast.walk(tree)
+        ):
+            spelling.append(path.name)
+    return spelling
+
+
 # -- (a) the publisher's side ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("partitions", [1, 16, 1024])
+def test_the_publisher_names_every_key_as_the_contract_does(partitions: int) -> None:
+    """publisher/contract.py, the publisher's one home of key names, spells each
+    key as docs/redis-contract.md does."""
+    for name in KEY_CHANNELS:
+        p = publisher_contract.partition_of(name, partitions)
+        assert p == keys.partition(name, partitions)
+        names = publisher_contract.Keys.of(p)
+        assert names.meta == keys.meta_key(name, partitions)
+        assert names.channels == keys.channels_key(name, partitions)
+        assert names.expiries == keys.expiries_key(name, partitions)
+        assert names.stream + name == keys.stream_key(name, partitions)
+        assert names.live + name == keys.live_key(name, partitions)
+        assert names.presence + name == presence_key(name, partitions)
+        assert names.idempotency + "*" == keys.idempotency_pattern(p)
+
+
+def test_no_other_publisher_module_spells_a_key() -> None:
+    """Key names are made in publisher/contract.py only (docstrings and comments may cite them)."""
+    spelling = modules_spelling_keys(PUBLISHER_MODULES)
+    assert spelling == ["contract.py"], "Redis keys are named in publisher/contract.py only"
 
 
 def test_publisher_writes_meta_streams_and_channel_heads(
@@ -234,6 +294,27 @@ def test_idempotency_record_is_the_partitions_part_of_the_first_answer(
 # On both deployments: the session's single Redis (PARTITIONS=1), and the Redis
 # Cluster (PARTITIONS=16), where each event is written on the node that owns its
 # partition's slot. A test's channels share a partition, so ids are plain.
+
+
+@pytest.mark.parametrize("partitions", [1, 16, 1024])
+def test_the_stream_service_names_every_key_as_the_contract_does(partitions: int) -> None:
+    """stream/contract.py, the stream service's one home of key names, spells each
+    key as docs/redis-contract.md does."""
+    for name in KEY_CHANNELS:
+        p = contract.partition_of(name, partitions)
+        assert p == keys.partition(name, partitions)
+        assert contract.meta_key(p) == keys.meta_key(name, partitions)
+        assert contract.channels_key(p) == keys.channels_key(name, partitions)
+        assert contract.stream_key(name, p) == keys.stream_key(name, partitions)
+        assert contract.live_key(name, p) == keys.live_key(name, partitions).encode()
+        assert contract.presence_key(name, p) == presence_key(name, partitions)
+        assert contract.partition_in_key(contract.live_key(name, p)) == p
+
+
+def test_no_other_stream_module_spells_a_key() -> None:
+    """Key names are made in stream/contract.py only (docstrings and comments may cite them)."""
+    spelling = modules_spelling_keys(STREAM_MODULES)
+    assert spelling == ["contract.py"], "Redis keys are named in stream/contract.py only"
 
 
 def names(deployment: Deployment, channel: str, count: int) -> list[str]:

@@ -16,7 +16,8 @@ import argparse
 import hashlib
 
 import redis
-from publisher.store import EventStore, Idempotency, Standalone
+from publisher.routing import Standalone
+from publisher.store import EventStore, Idempotency
 from publisher.validation import Event, encode_data
 
 

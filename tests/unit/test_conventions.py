@@ -1,11 +1,12 @@
 """The two services stay independent (no shared runtime library) but follow the
-same conventions: each keeps its own copy of the code below, and these tests fail
-as soon as the copies drift apart."""
+same conventions: each keeps its own copy of the code in TWINS, and these tests
+fail as soon as the copies drift apart, or a copy stops saying it is one."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from publisher.config import ConfigError as PublisherConfigError
@@ -22,6 +23,40 @@ PUBLISHER = ROOT / "publisher-service"
 STREAM = ROOT / "stream-service"
 BEGIN = "# --- conventions shared with the other service"
 END = "# --- end of the shared conventions"
+THIS_TEST = "tests/unit/test_conventions.py"
+
+
+class Twins(NamedTuple):
+    """A file of each service that must match its twin in the other: all of it,
+    the named top-level functions, or the block between BEGIN and END."""
+
+    stream: str
+    publisher: str
+    functions: tuple[str, ...] = ()
+    block: bool = False
+
+
+# Every copy one service keeps of the other's code. Each file says so at its
+# top ("# Twins: ..."), or at the top of its block (BEGIN).
+TWINS = {
+    "logs": Twins("stream-service/stream/logs.py", "publisher-service/publisher/logs.py"),
+    "metrics endpoint": Twins(
+        "stream-service/stream/metrics.py", "publisher-service/publisher/metrics.py", functions=("init_app",)
+    ),
+    "gunicorn hooks": Twins(
+        "stream-service/gunicorn.conf.py",
+        "publisher-service/gunicorn.conf.py",
+        functions=("on_starting", "child_exit"),
+    ),
+    "JSON errors": Twins(
+        "stream-service/stream/errors.py",
+        "publisher-service/publisher/errors.py",
+        functions=("http_error", "unexpected"),
+    ),
+    "settings rules": Twins(
+        "stream-service/stream/config.py", "publisher-service/publisher/config.py", block=True
+    ),
+}
 
 
 def shared_block(path: Path) -> str:
@@ -42,25 +77,61 @@ def functions(path: Path, names: set[str]) -> dict[str, str]:
     return found
 
 
-def test_settings_are_parsed_by_the_same_rules() -> None:
-    assert shared_block(PUBLISHER / "publisher" / "config.py") == shared_block(
-        STREAM / "stream" / "config.py"
-    )
+def leading_comment(text: str) -> str:
+    """The comment lines `text` starts with, without their `#`, as one line."""
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("# "))
+    return " ".join(lines)
 
 
-def test_logs_are_set_up_the_same_way() -> None:
-    publisher = (PUBLISHER / "publisher" / "logs.py").read_text()
-    stream = (STREAM / "stream" / "logs.py").read_text()
-    assert publisher == stream
+def header(path: Path) -> str:
+    """The comment a file starts with: where a copy names its twin."""
+    return leading_comment(path.read_text())
 
 
-def test_gunicorn_hooks_and_metrics_endpoint_are_the_same() -> None:
-    hooks = {"on_starting", "child_exit"}
-    assert functions(PUBLISHER / "gunicorn.conf.py", hooks) == functions(STREAM / "gunicorn.conf.py", hooks)
-    endpoint = {"init_app"}
-    assert functions(PUBLISHER / "publisher" / "metrics.py", endpoint) == functions(
-        STREAM / "stream" / "metrics.py", endpoint
-    )
+def shared_part(path: Path, twins: Twins) -> object:
+    """What of `path` must equal its twin."""
+    if twins.block:
+        return shared_block(path)
+    if twins.functions:
+        return functions(path, set(twins.functions))
+    return path.read_text()
+
+
+@pytest.mark.parametrize("twins", TWINS.values(), ids=TWINS.keys())
+def test_twins_match(twins: Twins) -> None:
+    assert shared_part(ROOT / twins.stream, twins) == shared_part(ROOT / twins.publisher, twins)
+
+
+@pytest.mark.parametrize("twins", TWINS.values(), ids=TWINS.keys())
+def test_every_copy_names_its_twin(twins: Twins) -> None:
+    for path, twin in ((twins.stream, twins.publisher), (twins.publisher, twins.stream)):
+        if twins.block:
+            # BEGIN itself says "shared with the other service".
+            declared = leading_comment(shared_block(ROOT / path))
+            assert THIS_TEST in declared, f"{path}: the shared block must say which test checks it"
+            continue
+        declared = header(ROOT / path)
+        assert declared.startswith("Twins:"), f"{path} must start with '# Twins: ...' naming {twin}"
+        named = [twin, THIS_TEST, *(f"{name}()" for name in twins.functions)]
+        missing = [name for name in named if name not in declared]
+        assert not missing, f"{path}: its '# Twins:' header does not name {missing}"
+
+
+def test_every_declared_copy_is_checked() -> None:
+    """A file that declares a twin (or holds a shared block) is in TWINS, so that
+    the two are compared."""
+    listed = {path for twins in TWINS.values() for path in (twins.stream, twins.publisher)}
+    declaring = {
+        str(path.relative_to(ROOT))
+        for service in (PUBLISHER, STREAM)
+        for path in service.rglob("*.py")
+        if "wheels" not in path.parts and (header(path).startswith("Twins:") or BEGIN in path.read_text())
+    }
+    assert declaring == listed, f"declared but not in TWINS: {sorted(declaring - listed)}"
 
 
 @pytest.mark.parametrize(

@@ -13,31 +13,22 @@ import json
 import re
 
 import pytest
-from stream.core import (
+from stream.actions import (
     Action,
-    BadEventId,
     Beat,
-    ChannelState,
-    Core,
     Deliver,
     End,
-    Full,
-    HistoryEvent,
     Malformed,
-    Position,
     ReadGap,
     Ready,
-    Replay,
     Reset,
-    Stream,
-    StreamState,
     Subscribe,
-    Unavailable,
     Unsubscribe,
-    live_key,
-    parse_event_id,
-    partition_of,
 )
+from stream.contract import live_key, partition_of
+from stream.core import Core, Full, Unavailable
+from stream.ids import BadEventId, Position, parse_event_id
+from stream.records import ChannelState, HistoryEvent, Replay, Stream, StreamState
 
 from tests.support.sse import Event, SSEParser
 

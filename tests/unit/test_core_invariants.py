@@ -23,25 +23,11 @@ from typing import Any
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from stream.core import (
-    Action,
-    Core,
-    Deliver,
-    End,
-    HistoryEvent,
-    Position,
-    ReadGap,
-    Replay,
-    Reset,
-    ResumeId,
-    Stream,
-    StreamState,
-    Subscribe,
-    Unsubscribe,
-    live_key,
-    parse_event_id,
-    partition_of,
-)
+from stream.actions import Action, Deliver, End, ReadGap, Reset, Subscribe, Unsubscribe
+from stream.contract import live_key, partition_of
+from stream.core import Core
+from stream.ids import Position, ResumeId, parse_event_id
+from stream.records import HistoryEvent, Replay, Stream, StreamState
 
 from tests.support.sse import SSEParser
 

@@ -1,4 +1,4 @@
-"""Event ids (stream.history.Position), epochs, and both services' configuration."""
+"""Event ids (stream.ids.Position), epochs, and both services' configuration."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import re
 import pytest
 from publisher.config import Config as PublisherConfig
 from publisher.config import ConfigError as PublisherConfigError
-from publisher.store import key_prefix, new_epoch, partition_of
+from publisher.contract import key_prefix, new_epoch, partition_of
 from stream.config import Config as StreamConfig
 from stream.config import ConfigError as StreamConfigError
-from stream.core import BadEventId, Position
 from stream.history import new_epoch as stream_new_epoch
+from stream.ids import BadEventId, Position
 
 from tests.support import keys
 

@@ -24,7 +24,10 @@ time.sleep(60)
 
 @pytest.fixture(autouse=True)
 def no_claim_yet(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(slots.SLOT_ENV, raising=False)
+    # setenv first, so that monkeypatch removes the variable again afterwards even
+    # though claim() sets it: gunicorns that tests start later inherit os.environ.
+    monkeypatch.setenv(slots.SLOT_ENV, "")
+    monkeypatch.delenv(slots.SLOT_ENV)
 
 
 def claim_afresh(directory: Path, count: int, monkeypatch: pytest.MonkeyPatch) -> int:

@@ -16,7 +16,7 @@ from stream import sse
 from stream.app import create_app
 from stream.auth import AccessDenied, authorize, covers
 from stream.config import Config, ConfigError
-from stream.core import event_body
+from stream.frames import event_body
 from stream.params import MAX_HISTORY_LIMIT, BadRequest, parse_limit, refuse_repeats, whole_number
 from werkzeug.datastructures import MultiDict
 

@@ -1,11 +1,12 @@
-"""publisher.worker: the pieces of the gunicorn worker that need no server."""
+"""publisher.server: the pieces of the gunicorn worker that need no server."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from gunicorn import util
-from publisher.worker import _HttpDate, _OneWrite
+from publisher.server import _HttpDate, _OneWrite, check_version
 
 
 class FakeSocket:
@@ -69,3 +70,13 @@ def test_the_date_header_is_gunicorns() -> None:
             assert ours == before
             break
     assert http_date(0) == util.http_date(0) == "Thu, 01 Jan 1970 00:00:00 GMT"
+
+
+def test_the_gunicorn_it_was_written_for_passes_the_check() -> None:
+    check_version()  # the installed one, which requirements.txt pins
+    check_version((27, 9, 0))
+
+
+def test_another_major_version_of_gunicorn_is_refused_saying_what_to_check() -> None:
+    with pytest.raises(SystemExit, match=r"written for gunicorn 27\.x, not 28\.0\.0\. Check each piece"):
+        check_version((28, 0, 0))

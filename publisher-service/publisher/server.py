@@ -1,4 +1,5 @@
-"""The gunicorn worker: gevent's, with one write per answer and a prompt stop.
+"""Everything the publisher relies on in gunicorn beyond WSGI, in one place:
+its worker, gevent's, with one write per answer and a prompt stop.
 
 gunicorn sends an answer's header block and its body with two `sendall` calls:
 two system calls, two TCP segments, and two reads for nginx, for a publish answer
@@ -13,6 +14,34 @@ told to stop: a graceful stop would then hang until `graceful_timeout` and end i
 a forced kill. This worker ends those waits as soon as it stops (and makes any
 later wait short), so the connections close as gunicorn closes any idle
 keep-alive connection; requests in progress still finish.
+
+Written for gunicorn 27 (requirements.txt pins 27.0.1), it relies on:
+
+- `gunicorn.util.http_date()`: what gunicorn calls for each answer's Date
+  header (`http/wsgi.py`); replaced in each worker process by `_HttpDate`.
+- `GeventWorker.handle_request(listener_name, req, sock, addr)`: writes the
+  whole answer on `sock` with `sendall` (`workers/base_async.py`); given a
+  `_OneWrite` in its place.
+- `GeventWorker.timeout_ctx()`: the context the keep-alive loop waits in for
+  the next request (`AsyncWorker.handle`), ended silently by a
+  `gevent.Timeout(keepalive, False)`, after which gunicorn closes the
+  connection; replaced by `_WaitForRequest`.
+- `handle_exit(sig, frame)`, `init_process()`, the worker's `alive` and
+  `cfg.keepalive`.
+- Elsewhere: gunicorn.conf.py's settings (`control_socket_disable` is new in
+  27) and `logger_class`, publisher.logs.GunicornLogger, which overrides
+  `glogging.Logger.access` (logs.py is the stream service's twin, so it stays
+  there).
+
+At start, gunicorn.conf.py calls `check_version`, which refuses (exits) under
+any other major version than `WRITTEN_FOR`. Refuse rather than warn: a piece
+above that no longer holds does not fail loudly, it sends answers late or
+twice, a stale Date, or hangs a graceful stop, and a warning in a log is read
+after the damage. gunicorn is pinned, so only a deliberate upgrade meets the
+refusal. To upgrade: check each piece above against the new gunicorn's
+`workers/base_async.py`, `workers/ggevent.py`, `http/wsgi.py`, `util.py` and
+`glogging.py`; run tests/unit/test_publisher_server.py and tests/integration
+(their publishes go through gunicorn and this module); then set `WRITTEN_FOR`.
 """
 
 from __future__ import annotations
@@ -22,11 +51,26 @@ from types import FrameType
 from typing import Any
 
 import gevent
+import gunicorn
 from gunicorn import util
 from gunicorn.workers.ggevent import GeventWorker
 
+WRITTEN_FOR = 27  # gunicorn's major version
+
 # How long a connection waits for its next request once the worker is stopping.
 STOPPING_WAIT_SECONDS = 1.0
+
+
+def check_version(version: tuple[int, ...] = gunicorn.version_info) -> None:
+    """Exit, saying what to check, unless gunicorn's major version is WRITTEN_FOR."""
+    if version[0] == WRITTEN_FOR:
+        return
+    found = ".".join(map(str, version))
+    raise SystemExit(
+        f"herald-publisher: publisher/server.py was written for gunicorn {WRITTEN_FOR}.x, not {found}. "
+        "Check each piece its docstring lists against this gunicorn, run the publisher tests, "
+        "then set WRITTEN_FOR; or install the gunicorn of requirements.txt."
+    )
 
 
 class _HttpDate:
