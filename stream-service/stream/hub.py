@@ -100,7 +100,9 @@ class Hub:
             gevent.spawn(self._clock)
 
     def shutdown(self) -> None:
-        """End every stream cleanly (the worker is stopping) and stop reading."""
+        """End every stream cleanly (the worker is stopping) and stop reading; once."""
+        if self.core.stopping:
+            return
         self._do(self.core.shutdown())
         for waiter in self._waiters.values():
             waiter.set()

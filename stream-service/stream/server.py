@@ -101,5 +101,5 @@ def _end_streams_on_stop(worker: Any) -> None:
 def worker_exit(arbiter: Any, worker: Any) -> None:
     """End the streams still open (handed over, gunicorn does not wait for them)."""
     hub = getattr(worker, "wsgi", None) and worker.wsgi.extensions.get(HUB)
-    if hub is not None and not hub.core.stopping:
-        hub.shutdown()
+    if hub is not None:
+        hub.shutdown()  # a no-op when post_worker_init's watcher already did it
