@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 # fails when the two copies drift): a blank value means the default; numbers are
 # decimal (what float() reads, finite); whole-number settings must be whole
 # ("2.0" is 2, "1.5" is refused); durations are in seconds; lists are
-# comma-separated, blanks ignored.
+# comma-separated, blanks ignored; flags are true/false.
 
 
 def _number(env: Mapping[str, str], name: str, default: float, minimum: float) -> float:
@@ -51,6 +51,16 @@ def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
 
 
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    """true/false (also 1/0, yes/no, on/off); false when blank."""
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "false", "0", "no", "off"):
+        return False
+    if raw in ("true", "1", "yes", "on"):
+        return True
+    raise ConfigError(f"{name} must be true or false, got {env.get(name, '').strip()!r}")
+
+
 # --- end of the shared conventions ----------------------------------------------
 
 # Most partitions (docs/redis-contract.md); each one is a few keys and one
@@ -64,16 +74,6 @@ def _partitions(env: Mapping[str, str], default: int) -> int:
     if value > MAX_PARTITIONS:
         raise ConfigError(f"PARTITIONS must be at most {MAX_PARTITIONS}, got {value}")
     return value
-
-
-def _flag(env: Mapping[str, str], name: str) -> bool:
-    """true/false (also 1/0, yes/no, on/off); false when blank."""
-    raw = env.get(name, "").strip().lower()
-    if raw in ("", "false", "0", "no", "off"):
-        return False
-    if raw in ("true", "1", "yes", "on"):
-        return True
-    raise ConfigError(f"{name} must be true or false, got {env.get(name, '').strip()!r}")
 
 
 @functools.lru_cache(maxsize=64)

@@ -17,7 +17,7 @@ class ConfigError(ValueError):
 # fails when the two copies drift): a blank value means the default; numbers are
 # decimal (what float() reads, finite); whole-number settings must be whole
 # ("2.0" is 2, "1.5" is refused); durations are in seconds; lists are
-# comma-separated, blanks ignored.
+# comma-separated, blanks ignored; flags are true/false.
 
 
 def _number(env: Mapping[str, str], name: str, default: float, minimum: float) -> float:
@@ -47,6 +47,16 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
 def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     """A comma-separated list; blanks ignored."""
     return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    """true/false (also 1/0, yes/no, on/off); false when blank."""
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "false", "0", "no", "off"):
+        return False
+    if raw in ("true", "1", "yes", "on"):
+        return True
+    raise ConfigError(f"{name} must be true or false, got {env.get(name, '').strip()!r}")
 
 
 # --- end of the shared conventions ----------------------------------------------
@@ -82,6 +92,8 @@ class Config:
     partitions: int = 1
     redis_mode: str = "standalone"
     presence_ttl_seconds: float = 30.0
+    webhooks: bool = False
+    webhook_vacated_delay_seconds: float = 5.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -116,6 +128,10 @@ class Config:
             partitions=_int(env, "PARTITIONS", cls.partitions, 1),
             redis_mode=env.get("REDIS_MODE", "").strip().lower() or cls.redis_mode,
             presence_ttl_seconds=_number(env, "PRESENCE_TTL_SECONDS", cls.presence_ttl_seconds, 3.0),
+            webhooks=_flag(env, "WEBHOOKS"),
+            webhook_vacated_delay_seconds=_number(
+                env, "WEBHOOK_VACATED_DELAY_SECONDS", cls.webhook_vacated_delay_seconds, 0.0
+            ),
         )
 
     def __post_init__(self) -> None:

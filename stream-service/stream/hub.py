@@ -67,7 +67,8 @@ class Hub:
             partitions=config.partitions,
         )
         self._topology = topology
-        self.presence = Presence(topology.client, config.presence_ttl_seconds)
+        delay = config.webhook_vacated_delay_seconds if config.webhooks else None
+        self.presence = Presence(topology.client, config.presence_ttl_seconds, delay)
         self._links: dict[Address, Link] = {}  # one Pub/Sub link per Redis node
         self._owner: dict[int, Link] = {}  # the link each partition is on
         self._replanner: gevent.Greenlet | None = None

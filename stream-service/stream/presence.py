@@ -11,6 +11,10 @@ When Redis is full (`maxmemory`), counts are not written (Redis refuses the
 script as a whole, up front) and are tried again on the next tick; streams are
 not affected, and a worker's counts lapse at their deadline as if it had gone.
 Removing a count frees memory, so that is allowed even then.
+
+While webhooks are on (WEBHOOKS), the same writes run occupancy.py's scripts,
+which also keep each channel's occupancy and write its `channel.occupied` and
+`channel.vacated` events in the same step (docs/webhooks.md).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import redis
 from redis.cluster import RedisCluster
 from redis.exceptions import OutOfMemoryError
 
+from . import occupancy
 from .contract import Script, presence_key
 
 log = logging.getLogger("herald.stream.presence")
@@ -60,9 +65,16 @@ return #KEYS
 class Presence:
     """Writes this worker's stream count per channel, only when it changed (and to refresh)."""
 
-    def __init__(self, client: Callable[[], redis.Redis | RedisCluster], ttl_seconds: float) -> None:
+    def __init__(
+        self,
+        client: Callable[[], redis.Redis | RedisCluster],
+        ttl_seconds: float,
+        vacated_delay_seconds: float | None = None,
+    ) -> None:
+        """`vacated_delay_seconds`: webhooks are on (occupancy kept), with that delay; None: off."""
         self._client = client
         self._ttl_ms = int(ttl_seconds * 1000)
+        self._delay_ms = None if vacated_delay_seconds is None else int(vacated_delay_seconds * 1000)
         self._refresh = ttl_seconds / 3
         self.worker = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._written: dict[tuple[int, str], int] = {}  # what Redis holds for this worker
@@ -121,6 +133,9 @@ class Presence:
             else:
                 gone.setdefault(partition, []).append(channel)
         client = self._client()
+        if self._delay_ms is not None:
+            self._write_occupancy(client, gone, kept, self._delay_ms)
+            return
         for partition, channels in gone.items():
             keys = [presence_key(channel, partition) for channel in channels]
             FORGET.run(client, keys, [self.worker])
@@ -128,3 +143,21 @@ class Presence:
             keys = [presence_key(channel, partition) for channel, _ in entries]
             args: list[Any] = [self.worker, self._ttl_ms, *(count for _, count in entries)]
             WRITE.run(client, keys, args)
+
+    def _write_occupancy(
+        self,
+        client: redis.Redis | RedisCluster,
+        gone: dict[int, list[str]],
+        kept: dict[int, list[tuple[str, int]]],
+        delay_ms: int,
+    ) -> None:
+        """As `_write`, with each channel's occupancy and its webhook events (occupancy.py)."""
+        for partition, channels in gone.items():
+            keys = [*occupancy.header_keys(partition), *(presence_key(c, partition) for c in channels)]
+            occupancy.FORGET.run(client, keys, [self.worker, delay_ms, *channels])
+        for partition, entries in kept.items():
+            keys = [*occupancy.header_keys(partition), *(presence_key(c, partition) for c, _ in entries)]
+            args: list[Any] = [self.worker, self._ttl_ms, delay_ms]
+            for channel, count in entries:
+                args += [channel, count]
+            occupancy.WRITE.run(client, keys, args)

@@ -56,6 +56,12 @@ TWINS = {
     "settings rules": Twins(
         "stream-service/stream/config.py", "publisher-service/publisher/config.py", block=True
     ),
+    # The occupancy scripts: the stream service writes with them, the webhook
+    # dispatcher (run from the publisher's image) sweeps with them.
+    "Lua script runner": Twins(
+        "stream-service/stream/contract.py", "publisher-service/dispatcher/contract.py", functions=("Script",)
+    ),
+    "occupancy": Twins("stream-service/stream/occupancy.py", "publisher-service/dispatcher/occupancy.py"),
 }
 
 
@@ -66,12 +72,12 @@ def shared_block(path: Path) -> str:
 
 
 def functions(path: Path, names: set[str]) -> dict[str, str]:
-    """The source of the named top-level functions of a module."""
+    """The source of the named top-level functions (or classes) of a module."""
     tree = ast.parse(path.read_text())
     found = {
         node.name: ast.unparse(node)
         for node in tree.body
-        if isinstance(node, ast.FunctionDef) and node.name in names
+        if isinstance(node, ast.FunctionDef | ast.ClassDef) and node.name in names
     }
     assert set(found) == names, f"{path} lacks {sorted(names - set(found))}"
     return found

@@ -22,7 +22,11 @@ def test_every_compose_variable_is_in_env_example() -> None:
 
 def test_every_variable_a_service_reads_is_passed_by_compose() -> None:
     compose = (ROOT / "compose.yaml").read_text()
-    for service in ("publisher-service/publisher/config.py", "stream-service/stream/config.py"):
+    for service in (
+        "publisher-service/publisher/config.py",
+        "publisher-service/dispatcher/config.py",
+        "stream-service/stream/config.py",
+    ):
         read = set(re.findall(r'"([A-Z][A-Z0-9_]+)"', (ROOT / service).read_text()))
         missing = {name for name in read if f"{name}:" not in compose}
         assert not missing, f"{service} reads {sorted(missing)}, which compose.yaml never sets"

@@ -1,0 +1,215 @@
+"""Sending one lane's events to one endpoint, in order, at least once.
+
+Each endpoint is a consumer group on every lane (named by its URL). The
+dispatcher that holds a lane (leases.py) runs one Delivery per endpoint: it
+reads the group's entries in order, POSTs them (one event, or a batch), and
+acknowledges them once the endpoint took them (2xx), or once they went to the
+dead letters at the end of the retry window. Nothing is acknowledged before, so
+a dispatcher that dies between a POST and its acknowledgement leaves the entry
+pending; the next holder claims it (XAUTOCLAIM) and sends it again, with the
+same webhook-id. A lane's events go out one POST at a time: a channel's events
+are always in one lane, so they reach each endpoint in the order they happened.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Any
+
+import gevent
+import gevent.event
+import redis
+
+from . import metrics
+from .config import Config, Endpoint
+from .contract import group_name
+from .deadletters import bury
+from .events import Event, body, from_entry
+from .leases import Client, Lease
+from .occupancy import lane_key
+from .sender import Outcome, Sender
+
+log = logging.getLogger("herald.dispatcher")
+
+READ_BLOCK_MS = 1000  # how long a read waits for new entries
+CLAIM_COUNT = 100
+FIRST_BACKOFF = 1.0  # seconds, doubled per failure up to WEBHOOK_BACKOFF_MAX_SECONDS
+
+
+class LeaseShort(Exception):
+    """The lane's lease has too little time left to start a POST (not renewed of late)."""
+
+
+def backoff(failures: int, most: float, retry_after: float | None) -> float:
+    """Seconds to wait after `failures` failed attempts: exponential, half of it
+    jittered (so retries of many lanes spread out), at least any Retry-After."""
+    ceiling = min(most, FIRST_BACKOFF * 2 ** (failures - 1))
+    wait: float = ceiling / 2 + random.uniform(0, ceiling / 2)
+    return wait if retry_after is None else max(wait, retry_after)
+
+
+class Delivery:
+    """One endpoint's consumer of one lane, while this dispatcher holds the lane."""
+
+    def __init__(
+        self,
+        client: Client,
+        sender: Sender,
+        config: Config,
+        where: tuple[int, int],
+        endpoint: Endpoint,
+        me: str,
+        lease: Lease,
+        stop: gevent.event.Event,
+    ) -> None:
+        self._client = client
+        self._sender = sender
+        self._config = config
+        self.partition, self.lane = where
+        self._key = lane_key(*where)
+        self._endpoint = endpoint
+        self._group = group_name(endpoint.url)
+        self._me = me
+        self._lease = lease
+        self._stop = stop
+        self.head_ms: int | None = None  # creation time of the event being sent (metrics.OLDEST)
+
+    def run(self) -> None:
+        """Deliver until told to stop or the lease runs short; Redis errors are waited out."""
+        prepared = False
+        while not self._stop.is_set():
+            try:
+                if not prepared:
+                    self._prepare()
+                    prepared = True
+                events = self._next()
+                if events:
+                    self._deliver(events)
+            except LeaseShort:
+                # Until it is renewed; if it was lost, the lane is stopped (service.py).
+                while not self._stop.is_set() and self._lease.remaining() <= self._config.timeout_seconds + 1:
+                    self._stop.wait(0.1)
+            except (redis.RedisError, OSError) as exc:
+                log.warning("lane %s/%s: Redis error (%s); retrying", self.partition, self.lane, exc)
+                self._stop.wait(1.0)
+        self.head_ms = None
+
+    def _prepare(self) -> None:
+        """Create the group (from the lane's first entry), and claim every entry
+        a former holder read and did not acknowledge."""
+        try:
+            self._client.xgroup_create(self._key, self._group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        start = "0-0"
+        while True:
+            start, _claimed, deleted = self._client.xautoclaim(
+                self._key, self._group, self._me, min_idle_time=0, start_id=start, count=CLAIM_COUNT
+            )
+            self._dropped(deleted)
+            if _text(start) == "0-0":
+                return
+
+    def _next(self) -> list[Event]:
+        """This consumer's pending entries first (after a takeover or a failed
+        acknowledgement), else new ones, waiting up to READ_BLOCK_MS."""
+        count = self._config.batch_max
+        entries = self._read("0", count, None) or self._read(">", count, READ_BLOCK_MS)
+        events, done = [], []
+        for entry, fields in entries:
+            entry = _text(entry)
+            if fields is None:  # trimmed from the lane while pending
+                self._dropped([entry])
+                continue
+            try:
+                event = from_entry(self.partition, self.lane, entry, fields)
+            except (KeyError, ValueError, UnicodeDecodeError):
+                log.error("lane %s/%s: malformed entry %s skipped", self.partition, self.lane, entry)
+                done.append(entry)
+                continue
+            if event.endpoint is not None and event.endpoint != self._group:
+                done.append(entry)  # a replay for another endpoint
+            else:
+                events.append(event)
+        if done:
+            self._client.xack(self._key, self._group, *done)
+        return events
+
+    def _read(self, start: str, count: int, block: int | None) -> list[tuple[Any, Any]]:
+        answer: Any = self._client.xreadgroup(
+            self._group, self._me, {self._key: start}, count=count, block=block
+        )
+        if not answer:
+            return []
+        if isinstance(answer, dict):  # RESP3
+            return list(next(iter(answer.values()))[0])
+        return list(answer[0][1])
+
+    def _deliver(self, events: list[Event]) -> None:
+        """POST until taken, or until the retry window is over (then the dead letters)."""
+        config, label = self._config, self._endpoint.label
+        self.head_ms = events[0].created_ms
+        webhook_id, payload = body(events, batched=config.batch_max > 1)
+        failures = 0
+        while True:
+            if self._lease.remaining() <= config.timeout_seconds + 1:
+                raise LeaseShort
+            outcome = self._sender.post(self._endpoint, webhook_id, payload)
+            if outcome.ok:
+                self._client.xack(self._key, self._group, *(e.entry for e in events))
+                metrics.SENT.labels(label).inc(len(events))
+                self.head_ms = None
+                return
+            failures += 1
+            metrics.FAILED.labels(label).inc()
+            wait = backoff(failures, config.backoff_max_seconds, outcome.retry_after)
+            age = time.time() - self.head_ms / 1000
+            if age + wait > config.retry_seconds:
+                self._bury(events, outcome, failures)
+                return
+            log.info(
+                "webhook %s to endpoint %s: %s; retrying in %.1f s",
+                webhook_id,
+                self._endpoint.shown,
+                outcome.reason,
+                wait,
+            )
+            metrics.RETRIED.labels(label).inc()
+            if self._stop.wait(wait):
+                return  # stopping: left pending, for whoever holds the lane next
+
+    def _bury(self, events: list[Event], outcome: Outcome, failures: int) -> None:
+        bury(self._client, self.partition, self.lane, self._group, events, outcome.reason, failures)
+        metrics.DEAD.labels(self._endpoint.label).inc(len(events))
+        self.head_ms = None
+        log.warning(
+            "webhook %s to endpoint %s: %s after %d attempts over the retry window; "
+            "%d event(s) moved to the dead letters (python -m dispatcher dead-letters)",
+            events[0].id,
+            self._endpoint.shown,
+            outcome.reason,
+            failures,
+            len(events),
+        )
+
+    def _dropped(self, entries: list[Any]) -> None:
+        """Entries trimmed from the lane before this endpoint took them: acknowledged, counted, logged."""
+        if not entries:
+            return
+        self._client.xack(self._key, self._group, *entries)
+        metrics.DROPPED.labels(self._endpoint.label).inc(len(entries))
+        log.error(
+            "lane %s/%s: %d event(s) for endpoint %s were trimmed before delivery "
+            "(the lane was not drained for too long); resync with GET /channels?occupied=true",
+            self.partition,
+            self.lane,
+            len(entries),
+            self._endpoint.shown,
+        )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
