@@ -1,4 +1,5 @@
-# Twins: Script() in publisher-service/dispatcher/contract.py and stream-service/stream/contract.py is the same class:
+# Twins: Script() in publisher-service/dispatcher/contract.py
+# and stream-service/stream/contract.py is the same class:
 # change both together (tests/unit/test_conventions.py checks it).
 """The dispatcher's side of the Redis contract (docs/redis-contract.md,
 "Occupancy" and "Webhook delivery"): the partition's hash tag, the keys only
@@ -35,6 +36,12 @@ def dead_key(partition: int) -> str:
 def lease_key(partition: int, lane: int) -> str:
     """Which dispatcher holds a lane (its id, with a TTL)."""
     return f"{tag(partition)}:hooks:lease:{lane}"
+
+
+def numbers_read_key(partition: int) -> str:
+    """The number of the last event each endpoint's group read from each lane
+    (field `<group>:<lane>`), for whoever holds the lane next."""
+    return f"{tag(partition)}:hooks:read"
 
 
 def registry_key() -> str:

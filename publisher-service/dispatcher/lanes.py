@@ -24,7 +24,7 @@ import redis
 
 from . import metrics
 from .config import Config, Endpoint
-from .contract import group_name
+from .contract import group_name, numbers_read_key
 from .deadletters import bury
 from .events import Event, body, from_entry
 from .leases import Client, Lease
@@ -33,7 +33,7 @@ from .sender import Outcome, Sender
 
 log = logging.getLogger("herald.dispatcher")
 
-READ_BLOCK_MS = 1000  # how long a read waits for new entries
+READ_BLOCK_MS = 2000  # how long a read waits for new entries
 CLAIM_COUNT = 100
 FIRST_BACKOFF = 1.0  # seconds, doubled per failure up to WEBHOOK_BACKOFF_MAX_SECONDS
 
@@ -70,7 +70,12 @@ class Delivery:
         self.partition, self.lane = where
         self._key = lane_key(*where)
         self._endpoint = endpoint
-        self._group = group_name(endpoint.url)
+        self.group = group_name(endpoint.url)
+        self._pending = True  # this consumer may hold unacknowledged entries: read those first
+        # The number of the last event this group read (occupancy.numbers_key):
+        # a jump in the numbers is what the lane's cap trimmed before it was read.
+        self._number: int | None = None
+        self._read_field = f"{self.group}:{self.lane}"
         self._me = me
         self._lease = lease
         self._stop = stop
@@ -93,6 +98,7 @@ class Delivery:
                     self._stop.wait(0.1)
             except (redis.RedisError, OSError) as exc:
                 log.warning("lane %s/%s: Redis error (%s); retrying", self.partition, self.lane, exc)
+                self._pending = True  # an acknowledgement may have failed
                 self._stop.wait(1.0)
         self.head_ms = None
 
@@ -100,14 +106,16 @@ class Delivery:
         """Create the group (from the lane's first entry), and claim every entry
         a former holder read and did not acknowledge."""
         try:
-            self._client.xgroup_create(self._key, self._group, id="0", mkstream=True)
+            self._client.xgroup_create(self._key, self.group, id="0", mkstream=True)
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+        known = self._client.hget(numbers_read_key(self.partition), self._read_field)
+        self._number = int(known) if known is not None else None
         start = "0-0"
         while True:
             start, _claimed, deleted = self._client.xautoclaim(
-                self._key, self._group, self._me, min_idle_time=0, start_id=start, count=CLAIM_COUNT
+                self._key, self.group, self._me, min_idle_time=0, start_id=start, count=CLAIM_COUNT
             )
             self._dropped(deleted)
             if _text(start) == "0-0":
@@ -117,7 +125,11 @@ class Delivery:
         """This consumer's pending entries first (after a takeover or a failed
         acknowledgement), else new ones, waiting up to READ_BLOCK_MS."""
         count = self._config.batch_max
-        entries = self._read("0", count, None) or self._read(">", count, READ_BLOCK_MS)
+        entries = self._read("0", count, None) if self._pending else []
+        if not entries:
+            self._pending = False
+            entries = self._read(">", count, READ_BLOCK_MS)
+            self._count_gaps(entries)
         events, done = [], []
         for entry, fields in entries:
             entry = _text(entry)
@@ -130,17 +142,31 @@ class Delivery:
                 log.error("lane %s/%s: malformed entry %s skipped", self.partition, self.lane, entry)
                 done.append(entry)
                 continue
-            if event.endpoint is not None and event.endpoint != self._group:
+            if event.endpoint is not None and event.endpoint != self.group:
                 done.append(entry)  # a replay for another endpoint
             else:
                 events.append(event)
         if done:
-            self._client.xack(self._key, self._group, *done)
+            self._client.xack(self._key, self.group, *done)
         return events
+
+    def _count_gaps(self, entries: list[tuple[Any, Any]]) -> None:
+        """New entries, in order: events numbered past the last one read plus one were
+        trimmed unread. The last number is kept in Redis for the lane's next holder."""
+        last = self._number
+        for _entry, fields in entries:
+            number = _number(fields) if fields else None
+            if number is None:
+                continue  # a replayed event: not numbered
+            if self._number is not None and number > self._number + 1:
+                self.dropped(number - self._number - 1)
+            self._number = number
+        if self._number != last:
+            self._client.hset(numbers_read_key(self.partition), self._read_field, str(self._number))
 
     def _read(self, start: str, count: int, block: int | None) -> list[tuple[Any, Any]]:
         answer: Any = self._client.xreadgroup(
-            self._group, self._me, {self._key: start}, count=count, block=block
+            self.group, self._me, {self._key: start}, count=count, block=block
         )
         if not answer:
             return []
@@ -159,7 +185,7 @@ class Delivery:
                 raise LeaseShort
             outcome = self._sender.post(self._endpoint, webhook_id, payload)
             if outcome.ok:
-                self._client.xack(self._key, self._group, *(e.entry for e in events))
+                self._client.xack(self._key, self.group, *(e.entry for e in events))
                 metrics.SENT.labels(label).inc(len(events))
                 self.head_ms = None
                 return
@@ -179,10 +205,11 @@ class Delivery:
             )
             metrics.RETRIED.labels(label).inc()
             if self._stop.wait(wait):
+                self._pending = True
                 return  # stopping: left pending, for whoever holds the lane next
 
     def _bury(self, events: list[Event], outcome: Outcome, failures: int) -> None:
-        bury(self._client, self.partition, self.lane, self._group, events, outcome.reason, failures)
+        bury(self._client, self.partition, self.lane, self.group, events, outcome.reason, failures)
         metrics.DEAD.labels(self._endpoint.label).inc(len(events))
         self.head_ms = None
         log.warning(
@@ -196,19 +223,27 @@ class Delivery:
         )
 
     def _dropped(self, entries: list[Any]) -> None:
-        """Entries trimmed from the lane before this endpoint took them: acknowledged, counted, logged."""
-        if not entries:
-            return
-        self._client.xack(self._key, self._group, *entries)
-        metrics.DROPPED.labels(self._endpoint.label).inc(len(entries))
+        """Pending entries trimmed from the lane before this endpoint took them: acknowledged and counted."""
+        if entries:
+            self._client.xack(self._key, self.group, *entries)
+            self.dropped(len(entries))
+
+    def dropped(self, count: int) -> None:
+        """`count` events of this lane will never reach this endpoint: counted and logged."""
+        metrics.DROPPED.labels(self._endpoint.label).inc(count)
         log.error(
             "lane %s/%s: %d event(s) for endpoint %s were trimmed before delivery "
             "(the lane was not drained for too long); resync with GET /channels?occupied=true",
             self.partition,
             self.lane,
-            len(entries),
+            count,
             self._endpoint.shown,
         )
+
+
+def _number(fields: dict[bytes, bytes]) -> int | None:
+    raw = fields.get(b"n")
+    return int(raw) if raw is not None and raw.isdigit() else None
 
 
 def _text(value: bytes | str) -> str:

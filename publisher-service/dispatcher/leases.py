@@ -18,19 +18,21 @@ from redis.cluster import RedisCluster
 
 from .contract import Script, lease_key, registry_key
 
-RENEW = Script("""#!lua
+# Lease upkeep runs when Redis is full too (allow-oom): it grows nothing but
+# one registry member, and delivery (which frees lane entries) must go on.
+RENEW = Script("""#!lua flags=allow-oom
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """)
 
-RELEASE = Script("""#!lua
+RELEASE = Script("""#!lua flags=allow-oom
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """)
 
 # KEYS[1] = the registry; ARGV[1] = dispatcher id, ARGV[2] = its TTL (ms; 0: leaving).
 # Returns the number of live dispatchers.
-REGISTER = Script("""#!lua
+REGISTER = Script("""#!lua flags=allow-oom
 local now = redis.call('TIME')
 local ms = now[1] * 1000 + math.floor(now[2] / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms)

@@ -14,6 +14,7 @@ import re
 import time
 from dataclasses import dataclass
 
+import gevent
 import urllib3
 from standardwebhooks.webhooks import Webhook
 
@@ -40,6 +41,7 @@ class Sender:
     def __init__(self, config: Config) -> None:
         self._signers = [Webhook(secret) for secret in config.secrets]
         timeout = config.timeout_seconds
+        self._total = timeout + 0.5
         # No retries here: retrying is the lane's job (backoff, window, dead letters).
         self._pool = urllib3.PoolManager(
             num_pools=max(4, len(config.endpoints)),
@@ -61,7 +63,15 @@ class Sender:
         }
 
     def post(self, endpoint: Endpoint, webhook_id: str, payload: bytes) -> Outcome:
-        """One attempt; never raises for the endpoint's or the network's failures."""
+        """One attempt, over within WEBHOOK_TIMEOUT_SECONDS (plus a little) whatever
+        the endpoint does: urllib3's timeouts bound each connect and each read, this
+        the whole (the lease rule, leases.py, counts on it). Never raises for the
+        endpoint's or the network's failures."""
+        with gevent.Timeout(self._total, False):
+            return self._post(endpoint, webhook_id, payload)
+        return Outcome(False, None, "timed out")
+
+    def _post(self, endpoint: Endpoint, webhook_id: str, payload: bytes) -> Outcome:
         try:
             answer = self._pool.request(
                 "POST",

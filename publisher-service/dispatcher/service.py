@@ -37,7 +37,7 @@ from .sweeper import MOST, sweep
 log = logging.getLogger("herald.dispatcher")
 
 SWEEP_SECONDS = 0.5
-TRIM_SECONDS = 5.0
+TRIM_SECONDS = 30.0  # the lanes' cap bounds them meanwhile
 RENEWALS = 6  # lease renewals per lease period
 
 
@@ -88,8 +88,9 @@ class Lane:
         gevent.killall([g for g in self._greenlets if not g.dead], block=True, timeout=1)
 
     def _housekeeping(self) -> None:
-        next_trim = 0.0
-        while not self.stop.wait(SWEEP_SECONDS):
+        """Lane 0 sweeps its partition every SWEEP_SECONDS; every lane trims every TRIM_SECONDS."""
+        next_trim = time.monotonic() + TRIM_SECONDS
+        while not self.stop.wait(SWEEP_SECONDS if self.number == 0 else TRIM_SECONDS):
             try:
                 if self.number == 0:
                     self._sweep()
@@ -198,13 +199,20 @@ class Dispatcher:
             log.info("lane %s/%s: given up", *where)
 
     def leave(self) -> None:
-        """A clean stop: every lane halted and released, this dispatcher off the registry."""
-        for where in list(self.lanes):
-            # On a Redis error the lease lapses on its own.
-            with contextlib.suppress(redis.RedisError, OSError):
-                self._drop(where, release=True)
+        """A clean stop: off the registry first (so the others' share grows), then
+        every lane halted at once and released, for the others to take at once."""
         with contextlib.suppress(redis.RedisError, OSError):
             leases.register(self.client, self.me, 0)
+        lanes = list(self.lanes.values())
+        self.lanes.clear()
+        for lane in lanes:
+            lane.stop.set()
+        gevent.joinall([gevent.spawn(lane.halt, self.config.timeout_seconds + 1) for lane in lanes])
+        for lane in lanes:
+            # On a Redis error the lease lapses on its own.
+            with contextlib.suppress(redis.RedisError, OSError):
+                lane.lease.release()
+        log.info("stopped: %d lane(s) given up", len(lanes))
 
     def _heads(self) -> Iterable[int | None]:
         return [d.head_ms for lane in list(self.lanes.values()) for d in lane.deliveries]

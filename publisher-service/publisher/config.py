@@ -122,6 +122,9 @@ class Config:
     publish_open: bool = False
     # HERALD_BIND: the host address compose publishes the stack on ("" = not told).
     herald_bind: str = ""
+    # WEBHOOKS: the stream service keeps each channel's occupancy (compose sets it
+    # with WEBHOOK_URL), so `GET /channels?occupied=true` has an index to list.
+    webhooks: bool = False
 
     @property
     def exposed(self) -> bool:
@@ -160,6 +163,7 @@ class Config:
             redis_mode=_redis_mode(env, cls.redis_mode),
             publish_open=_flag(env, "PUBLISH_OPEN"),
             herald_bind=env.get("HERALD_BIND", "").strip(),
+            webhooks=_flag(env, "WEBHOOKS"),
         )
 
     def __post_init__(self) -> None:

@@ -35,6 +35,7 @@ class Keys:
     live: str  # + channel (sharded Pub/Sub)
     expiries: str
     presence: str  # + channel (written by the stream service)
+    occupancy: str  # channels occupied or vacating, by name (written while webhooks are on)
 
     @classmethod
     def of(cls, partition: int) -> Keys:
@@ -47,6 +48,7 @@ class Keys:
             prefix + "live:",
             prefix + "expiries",
             prefix + "presence:",
+            prefix + "occupancy",
         )
 
 

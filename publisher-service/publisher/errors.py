@@ -5,9 +5,10 @@
 handler per exception a view raises (validation, access, the store, Redis).
 
 Redis's own errors are answered as a publish's: the other views that read
-Redis (presence, readiness) catch them and raise Unavailable with their own
-message. Every 503 carries `Retry-After: RETRY_AFTER_SECONDS`. The handlers of
-HANDLERS are given the settings first, bound by init_app.
+Redis (presence, the occupied channels, readiness) catch them and raise
+Unavailable with their own message. Every 503 carries `Retry-After:
+RETRY_AFTER_SECONDS`. The handlers of HANDLERS are given the settings first,
+bound by init_app.
 """
 
 from __future__ import annotations

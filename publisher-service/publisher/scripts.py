@@ -7,7 +7,9 @@ channel, in one atomic round trip, so no subscriber can see a live event that
 history lacks. With a history TTL, it also records when each channel's history
 expires, and sweeps a bounded number of channels whose history has expired out
 of the channel index (docs/redis-contract.md, "Expired channels"). PRESENCE
-sums a channel's subscribers over the stream workers.
+sums a channel's subscribers over the stream workers; SUBSCRIBERS does the
+same for several channels of one partition at once (a page of
+`GET /channels?occupied=true`).
 """
 
 from __future__ import annotations
@@ -150,20 +152,43 @@ SWEEP_LIMIT = 32
 PARTITIONS_ERROR = "HERALD_PARTITIONS "
 
 
-# KEYS[1] = a channel's presence hash: field per stream worker, value
-# "<streams> <deadline ms>" (Redis's clock). Returns the streams of the
-# workers whose deadline has not passed (a dead worker's count lapses).
-PRESENCE_LUA = """#!lua flags=no-writes
+# A presence hash has a field per stream worker, value "<streams> <deadline ms>"
+# (Redis's clock); `live(key)` sums the streams of the workers whose deadline
+# has not passed by Redis's TIME (a dead worker's count lapses).
+_LIVE = """
 local now = redis.call('TIME')
 local ms = now[1] * 1000 + math.floor(now[2] / 1000)
-local total = 0
-local fields = redis.call('HGETALL', KEYS[1])
-for i = 2, #fields, 2 do
-  local count, deadline = string.match(fields[i], '^(%d+) (%d+)$')
-  if count and tonumber(deadline) >= ms then total = total + tonumber(count) end
+local function live(key)
+  local total = 0
+  local fields = redis.call('HGETALL', key)
+  for i = 2, #fields, 2 do
+    local count, deadline = string.match(fields[i], '^(%d+) (%d+)$')
+    if count and tonumber(deadline) >= ms then total = total + tonumber(count) end
+  end
+  return total
 end
-return total
 """
+
+# KEYS[1] = a channel's presence hash. Returns its live streams.
+PRESENCE_LUA = (
+    "#!lua flags=no-writes\n"
+    + _LIVE
+    + """
+return live(KEYS[1])
+"""
+)
+
+# KEYS = presence hashes of channels of one partition (one slot). Returns the
+# live streams of each, in order (0 for a key that does not exist).
+SUBSCRIBERS_LUA = (
+    "#!lua flags=no-writes\n"
+    + _LIVE
+    + """
+local counts = {}
+for k = 1, #KEYS do counts[k] = live(KEYS[k]) end
+return counts
+"""
+)
 
 
 class Script:
@@ -190,3 +215,4 @@ class Script:
 
 PUBLISH = Script(PUBLISH_LUA)
 PRESENCE = Script(PRESENCE_LUA)
+SUBSCRIBERS = Script(SUBSCRIBERS_LUA)

@@ -23,7 +23,7 @@ import redis
 from .config import Config
 from .contract import Keys, new_epoch, partition_of
 from .routing import Router, Session, Topology, command, make_topology
-from .scripts import PARTITIONS_ERROR, PRESENCE, PUBLISH, SWEEP_LIMIT
+from .scripts import PARTITIONS_ERROR, PRESENCE, PUBLISH, SUBSCRIBERS, SWEEP_LIMIT
 from .validation import Event
 
 
@@ -57,6 +57,16 @@ class Published:
     events: list[Stored]
     replayed: bool
     new: int = 0
+
+
+@dataclass(frozen=True)
+class Occupied:
+    """A page of the occupancy index: (channel, live subscribers), by partition
+    then name, and where the next page starts, (partition, the channel after
+    which; "" for the partition's first), or None when nothing is left."""
+
+    channels: list[tuple[str, int]]
+    next: tuple[int, str] | None
 
 
 class KeyReused(Exception):
@@ -310,6 +320,44 @@ class EventStore:
         names = self._keys[partition_of(channel, self._partitions)]
         with self._router.session() as session:
             return int(self._router.run(names.meta, session, PRESENCE.step([names.presence + channel], [])))
+
+    def occupied(self, start: tuple[int, str] | None, limit: int) -> Occupied:
+        """Up to `limit` channels of the occupancy index (kept while webhooks are
+        on), from `start` (partition, the channel after which; None: the first),
+        with their live subscribers.
+
+        Partition by partition, in order: one `ZRANGE … BYLEX` of the index
+        (one name more than the page still needs: it tells whether the
+        partition holds more),
+        then, if it found any, one script summing their presence hashes (KEYS =
+        those hashes; every key of a partition is of one slot). Both are routed
+        by the partition's meta key. An empty partition costs the one ZRANGE.
+        Once the page is full, the partitions after are probed the same way
+        (one name each) until one has a channel: the next page starts there, so
+        a cursor is given only when something is left to list.
+
+        Not one atomic read: a channel that leaves the index between the two
+        steps is listed with 0 subscribers, as is a vacating one (its last
+        stream left, its `channel.vacated` not sent yet).
+        """
+        partition, after = start or (0, "")
+        found: list[tuple[str, int]] = []
+        with self._router.session() as session:
+            while partition < self._partitions:
+                names = self._keys[partition]
+                want = limit - len(found)
+                low = "(" + after if after else "-"
+                listing = command("ZRANGE", names.occupancy, low, "+", "BYLEX", "LIMIT", 0, want + 1)
+                channels = [c.decode() for c in self._router.run(names.meta, session, listing)]
+                page = channels[:want]
+                if page:
+                    step = SUBSCRIBERS.step([names.presence + c for c in page], [])
+                    counts = self._router.run(names.meta, session, step)
+                    found += zip(page, map(int, counts), strict=True)
+                if len(channels) > want:
+                    return Occupied(found, (partition, page[-1] if page else after))
+                partition, after = partition + 1, ""
+        return Occupied(found, None)
 
     def ping(self) -> bool:
         """True when every server holding a partition answers."""

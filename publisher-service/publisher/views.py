@@ -1,4 +1,5 @@
-"""The publisher's routes: `POST /publish`, `GET /channels/<channel>`, `/healthz`, `/readyz`.
+"""The publisher's routes: `POST /publish`, `GET /channels/<channel>`,
+`GET /channels?occupied=true`, `/healthz`, `/readyz`.
 
 A view reads the request, calls the store and answers; whatever it refuses it
 raises, and errors.py answers it. The parts a view uses (the settings, the
@@ -20,13 +21,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
-from flask import Flask, Response, current_app, jsonify
+from flask import Flask, Response, current_app, jsonify, request
 
 from . import metrics
 from .access import Access
 from .config import Config
 from .errors import EXPECTED, Unavailable
 from .metrics import EVENTS_PUBLISHED
+from .occupied_request import encode_cursor, parse_occupied_query
 from .publish_request import idempotency, parse_events
 from .store import EventStore, Stored
 from .validation import CHANNEL_RE, InvalidRequest
@@ -47,6 +49,7 @@ def init_app(app: Flask, parts: Parts) -> None:
     """Route the publisher's URLs to the views below, each given `parts`."""
     app.add_url_rule("/publish", "publish", functools.partial(publish, parts), methods=["POST"])
     app.add_url_rule("/channels/<channel>", "presence", functools.partial(presence, parts))
+    app.add_url_rule("/channels", "occupied", functools.partial(occupied, parts))
     app.add_url_rule("/healthz", "healthz", healthz)
     app.add_url_rule("/readyz", "readyz", functools.partial(readyz, parts))
 
@@ -104,6 +107,29 @@ def presence(parts: Parts, channel: str) -> Response:
         log.error("presence read failed: %s", exc)
         raise Unavailable("presence cannot be read right now") from exc
     return jsonify(channel=channel, subscribers=count)
+
+
+def occupied(parts: Parts) -> Response:
+    """The channels with streams now (or vacating), with their subscribers, a page
+    at a time; kept only while webhooks are on (docs/api.md)."""
+    parts.access.authorize("list the occupied channels")
+    if not parts.config.webhooks:
+        raise InvalidRequest(
+            404,
+            "occupancy_off",
+            "the occupied channels are kept only while webhooks are on: set WEBHOOK_URL "
+            "(compose then sets WEBHOOKS=true on the stream service and the publisher)",
+        )
+    query = parse_occupied_query(request.args, parts.config.partitions)
+    try:
+        page = parts.store.occupied(query.start, query.limit)
+    except redis.RedisError as exc:
+        log.error("occupancy read failed: %s", exc)
+        raise Unavailable("the occupied channels cannot be read right now") from exc
+    return jsonify(
+        channels=[{"channel": c, "subscribers": n} for c, n in page.channels],
+        next_cursor=None if page.next is None else encode_cursor(*page.next),
+    )
 
 
 def healthz() -> Response:

@@ -1,4 +1,5 @@
-# Twins: Script() in stream-service/stream/contract.py and publisher-service/dispatcher/contract.py is the same class:
+# Twins: Script() in stream-service/stream/contract.py
+# and publisher-service/dispatcher/contract.py is the same class:
 # change both together (tests/unit/test_conventions.py checks it).
 """The stream service's side of the Redis contract (docs/redis-contract.md):
 how a channel maps to its partition, every key the service names, and how its

@@ -29,7 +29,7 @@ from .contract import Script, tag
 
 LANES = 8  # event streams per partition; part of the contract (a channel's lane is fixed by it)
 LANE_MAXLEN = 10000  # per lane, `~`: the backlog kept while no dispatcher drains it
-HEADER = 3 + LANES  # KEYS before the presence keys: occupied, vacating, index, lanes
+HEADER = 4 + LANES  # KEYS before the presence keys: occupied, vacating, index, numbers, lanes
 
 OCCUPIED = "channel.occupied"
 VACATED = "channel.vacated"
@@ -50,6 +50,12 @@ def index_key(partition: int) -> str:
     return f"{tag(partition)}:occupancy"
 
 
+def numbers_key(partition: int) -> str:
+    """Each lane's last event number: events are numbered 1, 2, ... per lane, so a
+    reader can tell how many the lane's cap trimmed before it read them."""
+    return f"{tag(partition)}:hooks:numbers"
+
+
 def lane_key(partition: int, lane: int) -> str:
     """One of the partition's webhook event streams."""
     return f"{tag(partition)}:hooks:{lane}"
@@ -58,11 +64,17 @@ def lane_key(partition: int, lane: int) -> str:
 def header_keys(partition: int) -> list[str]:
     """The KEYS every occupancy script starts with."""
     lanes = [lane_key(partition, lane) for lane in range(LANES)]
-    return [occupied_key(partition), vacating_key(partition), index_key(partition), *lanes]
+    return [
+        occupied_key(partition),
+        vacating_key(partition),
+        index_key(partition),
+        numbers_key(partition),
+        *lanes,
+    ]
 
 
-# What the three scripts share. KEYS[1..3] = occupied, vacating, index;
-# KEYS[4..3+LANES] = the lanes. A presence field is "<count> <deadline ms>".
+# What the three scripts share. KEYS[1..4] = occupied, vacating, index, numbers;
+# KEYS[5..4+LANES] = the lanes. A presence field is "<count> <deadline ms>".
 _LIBRARY = f"""
 local LANES = {LANES}
 local now = redis.call('TIME')
@@ -70,8 +82,9 @@ now = now[1] * 1000 + math.floor(now[2] / 1000)
 
 local function emit(kind, channel, at)
   local lane = tonumber(string.sub(redis.sha1hex(channel), 1, 6), 16) % LANES
-  redis.call('XADD', KEYS[4 + lane], 'MAXLEN', '~', {LANE_MAXLEN}, '*',
-    'type', kind, 'channel', channel, 'time', at)
+  local number = redis.call('HINCRBY', KEYS[4], lane, 1)
+  redis.call('XADD', KEYS[5 + lane], 'MAXLEN', '~', {LANE_MAXLEN}, '*',
+    'type', kind, 'channel', channel, 'time', at, 'n', number)
 end
 
 -- The latest deadline of a presence hash's live fields (nil: none); lapsed fields are removed.

@@ -49,7 +49,8 @@ def _render(directory: Path) -> tuple[str, str]:
 
 def render(directory: Path) -> list[Doc]:
     text, error = _render(directory)
-    assert not error, f"kubectl kustomize {directory.relative_to(ROOT)} failed:\n{error}"
+    shown = directory.relative_to(ROOT) if directory.is_relative_to(ROOT) else directory
+    assert not error, f"kubectl kustomize {shown} failed:\n{error}"
     return [doc for doc in yaml.safe_load_all(text) if doc]
 
 

@@ -5,22 +5,28 @@ unknown field), against the Kubernetes schemas of every version
 kubernetes-validate bundles (1.25 to 1.37 with the pinned release). Then what
 schemas cannot see: selectors match pods, Services reach ports that exist,
 probes and resources everywhere, grace above the drain, pinned images, and
-settings that .env.example documents, and the edge pod's socket between nginx
-and its stream worker. tests/deploy/test_probes.py runs the images with the
-rendered pods' settings, calls their probes and streams through the socket.
+settings that .env.example documents, the edge pod's socket between nginx
+and its stream worker, and the webhook dispatcher (its settings, secret and
+network policy). tests/deploy/test_probes.py runs the images with the rendered
+pods' settings, calls their probes, streams through the socket and has the
+dispatcher send webhooks.
 """
 
 from __future__ import annotations
 
+import ast
+import base64
 import copy
 import re
 import shutil
 import subprocess
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from dispatcher.config import Config as DispatcherConfig
 from kubernetes_validate import utils as kubernetes_validate
 from stream import slots
 
@@ -55,11 +61,19 @@ NOT_SETTINGS = {
     "NGINX_SERVICE_DOMAIN": ROOT / "nginx" / "entrypoint.sh",
     # stream-service/gunicorn.conf.py: the directory of the socket nginx connects to.
     "STREAM_SOCKET_DIR": ROOT / "stream-service" / "gunicorn.conf.py",
+    # The webhook dispatcher's port (probes, /metrics), fixed as in compose.yaml.
+    "DISPATCHER_PORT": ROOT / "publisher-service" / "dispatcher" / "config.py",
     # components/redis-cluster/node.sh: the pod's own name, namespace and address.
     "POD_NAME": KUBERNETES / "components" / "redis-cluster" / "node.sh",
     "POD_NAMESPACE": KUBERNETES / "components" / "redis-cluster" / "node.sh",
     "POD_IP": KUBERNETES / "components" / "redis-cluster" / "node.sh",
 }
+# Keys of herald-settings that .env.example does not list, because Compose
+# derives them from another setting, which they must agree with (checked below).
+DERIVED = {"WEBHOOKS": "WEBHOOK_URL"}
+# What only the Secret may hold.
+SECRETS = {"PUBLISH_TOKEN", "SUBSCRIBE_SECRET", "WEBHOOK_SECRET"}
+DISPATCHER = "webhook-dispatcher"
 # docs/capacity.md, "Memory per stream": the most each stream was measured to take.
 STREAM_WORKER_BYTES_PER_STREAM = 4.1e3
 NGINX_BYTES_PER_STREAM = 13.7e3
@@ -113,10 +127,19 @@ def test_the_service_monitor_is_well_formed() -> None:
     endpoints = monitor["spec"]["endpoints"]
     assert [e["path"] for e in endpoints] == ["/metrics"]
     services = [s for s in of_kind(docs, "Service") if selects(monitor["spec"]["selector"], labels_of(s))]
-    assert {s["metadata"]["name"] for s in services} == {"publisher-service", "stream-metrics"}
+    assert {s["metadata"]["name"] for s in services} == {
+        "publisher-service",
+        "stream-metrics",
+        "webhook-dispatcher-metrics",
+    }
     # Each scraped port is the TCP 8000 of the container that serves /metrics:
-    # the publisher's, and in the edge pods the stream worker's (never nginx's).
-    serving = {"publisher-service": "publisher", "stream-metrics": "stream"}
+    # the publisher's, in the edge pods the stream worker's (never nginx's),
+    # and the webhook dispatcher's.
+    serving = {
+        "publisher-service": "publisher",
+        "stream-metrics": "stream",
+        "webhook-dispatcher-metrics": "dispatcher",
+    }
     for service in services:
         ports = {p.get("name"): p for p in service["spec"]["ports"]}
         assert endpoints[0]["port"] in ports, service["metadata"]["name"]
@@ -247,6 +270,17 @@ def test_rolling_updates_never_drop_capacity_and_grace_outlasts_the_drain(name: 
         assert strategy["rollingUpdate"]["maxUnavailable"] == 0, deployment["metadata"]["name"]
         spec = deployment["spec"]["template"]["spec"]
         grace = spec["terminationGracePeriodSeconds"]
+        if deployment["metadata"]["name"] == DISPATCHER:
+            # No Service sends it requests: no preStop (it would only hold the
+            # lanes longer). On SIGTERM a POST in flight ends (the timeout) and
+            # the lanes are released; any not released by WEBHOOK_LEASE_SECONDS
+            # have lapsed, with nothing in flight: a kill after that is harmless.
+            assert [prestop_seconds(c) for c in spec["containers"]] == [0.0]
+            timeout = float(settings["WEBHOOK_TIMEOUT_SECONDS"])
+            lease = float(settings["WEBHOOK_LEASE_SECONDS"])
+            assert grace > timeout + 1, f"{DISPATCHER}: grace {grace} s <= WEBHOOK_TIMEOUT_SECONDS + 1"
+            assert grace > lease, f"{DISPATCHER}: grace {grace} s <= WEBHOOK_LEASE_SECONDS {lease}"
+            continue
         for container in spec["containers"]:
             wait = prestop_seconds(container)
             assert wait >= seconds(settings["DNS_VALID"]), (
@@ -290,9 +324,10 @@ def test_settings_are_documented_and_references_resolve(name: str) -> None:
     docs = overlay(name)
     documented = documented_settings()
     settings = settings_map(docs)
-    undocumented = set(settings["data"]) - documented
+    undocumented = set(settings["data"]) - documented - set(DERIVED)
     assert not undocumented, f"herald-settings keys not in .env.example: {sorted(undocumented)}"
-    assert not {"PUBLISH_TOKEN", "SUBSCRIBE_SECRET"} & set(settings["data"]), "secrets belong in the Secret"
+    assert set(DERIVED.values()) <= documented
+    assert not SECRETS & set(settings["data"]), "secrets belong in the Secret"
     config_maps = {doc["metadata"]["name"]: doc.get("data", {}) for doc in of_kind(docs, "ConfigMap")}
     secrets = {doc["metadata"]["name"]: doc.get("data", {}) for doc in of_kind(docs, "Secret")}
     for workload, template in pod_templates(docs):
@@ -335,7 +370,13 @@ def test_the_dev_overlay_brings_its_own_secret() -> None:
     secret = named(
         overlay("dev"), "Secret", next(doc["metadata"]["name"] for doc in of_kind(overlay("dev"), "Secret"))
     )
-    assert {"PUBLISH_TOKEN", "SUBSCRIBE_SECRET"} <= set(secret["data"])
+    assert set(secret["data"]) >= SECRETS
+    # A WEBHOOK_SECRET the dispatcher takes, once a WEBHOOK_URL is set.
+    webhook_secret = base64.b64decode(secret["data"]["WEBHOOK_SECRET"]).decode()
+    config = DispatcherConfig.from_env(
+        {"WEBHOOK_URL": "https://example.com/", "WEBHOOK_SECRET": webhook_secret}
+    )
+    assert len(config.secrets) == 1
 
 
 @pytest.mark.parametrize("name", OVERLAYS)
@@ -375,7 +416,16 @@ def test_only_the_services_reach_redis(name: str) -> None:
     policies = [p for p in of_kind(docs, "NetworkPolicy") if selects(p["spec"]["podSelector"], redis_pods[0])]
     assert policies, "no NetworkPolicy covers Redis"
     # The edge pods for their stream worker (a policy cannot tell nginx from it).
-    allowed = {"publisher", "edge", "redis", "redis-cluster-init"}
+    allowed = {"publisher", "edge", DISPATCHER, "redis", "redis-cluster-init"}
+    # Every service reaches Redis' port: the webhook dispatcher as the others.
+    for component in ("publisher", "edge", DISPATCHER):
+        labels = labels_of(named(docs, "Deployment", component)["spec"]["template"])
+        assert any(
+            any(p.get("port") in (6379, "redis") for p in rule.get("ports", []))
+            and any("podSelector" in peer and selects(peer["podSelector"], labels) for peer in rule["from"])
+            for policy in policies
+            for rule in policy["spec"].get("ingress", [])
+        ), f"no NetworkPolicy lets the {component} pods reach Redis"
     for policy in policies:
         assert "Ingress" in policy["spec"]["policyTypes"]
         for rule in policy["spec"].get("ingress", []):
@@ -452,10 +502,13 @@ def test_every_setting_a_container_reads_is_given_to_it(name: str) -> None:
     for deployment, container, config in (
         ("publisher", "publisher", "publisher-service/publisher/config.py"),
         ("edge", "stream", "stream-service/stream/config.py"),
+        (DISPATCHER, "dispatcher", "publisher-service/dispatcher/config.py"),
     ):
         read = set(re.findall(r'"([A-Z][A-Z0-9_]+)"', (ROOT / config).read_text()))
         missing = read - container_env(docs, deployment, container)
         assert not missing, f"{config} reads {sorted(missing)}, which the {container} containers never get"
+    missing = dispatcher_reads() - container_env(docs, DISPATCHER, "dispatcher")
+    assert not missing, f"the dispatcher reads {sorted(missing)}, which its containers never get"
     # gunicorn.conf.py: the socket nginx reaches the stream worker by.
     missing = {"STREAM_SOCKET_DIR", "STREAM_SLOTS"} - container_env(docs, "edge", "stream")
     assert not missing, f"the stream containers never get {sorted(missing)}"
@@ -484,6 +537,36 @@ def test_every_setting_a_container_reads_is_given_to_it(name: str) -> None:
     }
     missing = read - container_env(docs, "edge", "nginx")
     assert not missing, f"nginx reads {sorted(missing)}, which the nginx containers never get"
+
+
+def dispatcher_reads() -> set[str]:
+    """Every setting the webhook dispatcher reads: the names dispatcher/config.py
+    quotes, those that the helpers it imports from publisher/config.py quote
+    (REDIS_MODE, PARTITIONS), and what its modules take from os.environ (LOG_LEVEL)."""
+    package = ROOT / "publisher-service" / "dispatcher"
+    config = (package / "config.py").read_text()
+    read = set(re.findall(r'"([A-Z][A-Z0-9_]+)"', config))
+    helpers = {
+        alias.name
+        for node in ast.walk(ast.parse(config))
+        if isinstance(node, ast.ImportFrom) and node.module == "publisher.config"
+        for alias in node.names
+    }
+    assert helpers, "dispatcher/config.py no longer parses by publisher/config.py's rules"
+    publisher_config = ast.parse((ROOT / "publisher-service" / "publisher" / "config.py").read_text())
+    for function in ast.walk(publisher_config):
+        if isinstance(function, ast.FunctionDef) and function.name in helpers:
+            read |= {
+                node.value
+                for node in ast.walk(function)
+                if isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and re.fullmatch(r"[A-Z][A-Z0-9_]+", node.value)
+            }
+    for module in package.glob("*.py"):
+        read |= set(re.findall(r'os\.environ\.get\("([A-Z][A-Z0-9_]+)"', module.read_text()))
+    assert {"REDIS_URL", "REDIS_MODE", "PARTITIONS", "WEBHOOK_URL", "LOG_LEVEL"} <= read, read
+    return read
 
 
 FAKE_IMAGE_ENTRYPOINT = """#!/bin/sh
@@ -617,6 +700,171 @@ def test_over_the_network_only_nginx_takes_requests(name: str) -> None:
                     assert components(peer["podSelector"]) == {"edge"}, where
 
 
+def env_example_defaults() -> dict[str, str]:
+    """.env.example's values (KEY=value lines)."""
+    text = (ROOT / ".env.example").read_text()
+    return dict(re.findall(r"^([A-Z][A-Z0-9_]*)=(.*)$", text, flags=re.MULTILINE))
+
+
+def test_the_webhook_settings_are_env_examples_defaults() -> None:
+    """base/settings.env: every WEBHOOK_* setting (but the secret) at .env.example's
+    default, so webhooks are off (no URL) and WEBHOOKS says so."""
+    settings = settings_map(render(KUBERNETES / "base"))["data"]
+    defaults = env_example_defaults()
+    webhook = {key for key in defaults if key.startswith("WEBHOOK_")} - SECRETS
+    assert webhook, ".env.example lists no WEBHOOK_* settings"
+    assert {key: settings.get(key) for key in webhook} == {key: defaults[key] for key in webhook}
+    assert settings["WEBHOOK_URL"] == "" and settings["WEBHOOKS"] == "false"
+
+
+def base_replicas(name: str) -> int:
+    return int(named(render(KUBERNETES / "base"), "Deployment", name)["spec"]["replicas"])
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_the_webhook_dispatcher_runs_beside_the_services(name: str) -> None:
+    """compose.yaml's webhook-dispatcher: the publisher's image with its own
+    command, the same settings, its secret from the Secret, its port and probes."""
+    docs = overlay(name)
+    dispatcher = named(docs, "Deployment", DISPATCHER)
+    publisher = container_of(named(docs, "Deployment", "publisher"), "publisher")
+    stream = container_of(named(docs, "Deployment", "edge"), "stream")
+    spec = dispatcher["spec"]["template"]["spec"]
+    assert [c["name"] for c in spec["containers"]] == ["dispatcher"]
+    container = container_of(dispatcher, "dispatcher")
+    # Two that share the lanes (one takes over a dead one's); dev runs one of each.
+    assert base_replicas(DISPATCHER) == 2
+    if name != "dev":
+        assert dispatcher["spec"]["replicas"] == 2
+    assert container["image"] == publisher["image"], "the dispatcher runs the publisher's image"
+    assert container["command"] == ["python", "-m", "dispatcher"]
+    assert "args" not in container
+
+    # The same settings as the other services, and its secret as theirs: from the Secret.
+    assert container["envFrom"] == publisher["envFrom"] == stream["envFrom"]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
+    token = next(e for e in publisher["env"] if e["name"] == "PUBLISH_TOKEN")["valueFrom"]["secretKeyRef"]
+    assert refs == {"WEBHOOK_SECRET": {"name": token["name"], "key": "WEBHOOK_SECRET"}}, refs
+    env = plain_env(docs, container)
+    publisher_env, stream_env = plain_env(docs, publisher), plain_env(docs, stream)
+    for key in ("REDIS_URL", "REDIS_MODE", "PARTITIONS", "REDIS_TIMEOUT_SECONDS"):
+        assert env[key] == publisher_env[key] == stream_env[key], key
+    # Both ends of the vacated delay read the same value.
+    assert env["WEBHOOK_VACATED_DELAY_SECONDS"] == stream_env["WEBHOOK_VACATED_DELAY_SECONDS"]
+    if name in ("redis-cluster", "external-redis-cluster"):
+        assert env["REDIS_MODE"] == "cluster"
+        assert int(env["PARTITIONS"]) > 1
+    # The settings as the dispatcher parses them (webhooks off here: no URL, no secret needed).
+    config = DispatcherConfig.from_env(env)
+    assert config.partitions == int(publisher_env["PARTITIONS"])
+
+    # Its port: /healthz, /readyz and /metrics on 8000, fixed on the container.
+    assert {e["name"]: e.get("value") for e in container["env"]}["DISPATCHER_PORT"] == "8000"
+    assert config.port == 8000
+    assert [p["containerPort"] for p in container["ports"]] == [8000]
+    for kind, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        get = container[kind]["httpGet"]
+        assert get["path"] == path and probe_port(container, get["port"]) == 8000, kind
+
+    # As the other pods: non-root (the publisher's user), read-only, /tmp in memory.
+    pod_security = spec["securityContext"]
+    publisher_security = named(docs, "Deployment", "publisher")["spec"]["template"]["spec"]["securityContext"]
+    assert pod_security == publisher_security
+    assert spec["automountServiceAccountToken"] is False and spec["enableServiceLinks"] is False
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    tmp = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+    assert len(tmp) == 1 and volumes[tmp[0]["name"]]["emptyDir"]["medium"] == "Memory"
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_webhooks_is_set_with_webhook_url(name: str) -> None:
+    """Compose derives WEBHOOKS from WEBHOOK_URL; kustomize cannot, so
+    herald-settings holds both, and they must agree: with a URL and WEBHOOKS
+    off no event is ever written, with WEBHOOKS on and no URL none is sent."""
+    docs = overlay(name)
+    for key, source in DERIVED.items():
+        assert key in settings_map(docs)["data"], key
+        for deployment, container in (
+            ("publisher", "publisher"),
+            ("edge", "stream"),
+            (DISPATCHER, "dispatcher"),
+        ):
+            env = plain_env(docs, container_of(named(docs, "Deployment", deployment), container))
+            expected = "true" if env[source].strip() else "false"
+            assert env[key] == expected, (
+                f"{deployment}/{container}: {key}={env[key]!r} with {source}={env[source]!r}"
+            )
+
+
+def policies_of(docs: list[Doc], component: str) -> list[Doc]:
+    labels = labels_of(named(docs, "Deployment", component)["spec"]["template"])
+    return [p for p in of_kind(docs, "NetworkPolicy") if selects(p["spec"]["podSelector"], labels)]
+
+
+def egress_ports(docs: list[Doc], component: str) -> set[tuple[str, Any]]:
+    return {
+        (port.get("protocol", "TCP"), port.get("port"))
+        for policy in policies_of(docs, component)
+        for rule in policy["spec"].get("egress", [])
+        for port in rule.get("ports", [])
+    }
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_nothing_connects_to_the_webhook_dispatcher_and_it_goes_out_only_where_it_must(name: str) -> None:
+    """Ingress: Prometheus' namespace on 8000 (with the ServiceMonitor), nothing
+    else. Egress: DNS, Redis and the receivers (80/443), each rule with ports."""
+    docs = overlay(name)
+    policies = policies_of(docs, DISPATCHER)
+    assert policies, "no NetworkPolicy isolates the webhook dispatcher"
+    assert any("Ingress" in p["spec"]["policyTypes"] for p in policies), "its ingress is open"
+    assert any("Egress" in p["spec"]["policyTypes"] for p in policies), "its egress is open"
+    scraped = False
+    for policy in policies:
+        where = f"NetworkPolicy/{policy['metadata']['name']}"
+        for rule in policy["spec"].get("ingress", []):
+            assert {p.get("port") for p in rule.get("ports", [])} == {8000}, where
+            assert rule.get("from"), f"{where}: its port open to everyone"
+            assert all(set(peer) == {"namespaceSelector"} for peer in rule["from"]), f"{where}: {rule}"
+            scraped = True
+        for rule in policy["spec"].get("egress", []):
+            assert rule.get("ports"), f"{where}: an egress rule without ports opens every port"
+    monitored = any(doc["kind"] == "ServiceMonitor" for doc in docs)
+    assert scraped == monitored, "Prometheus, and only with the ServiceMonitor, scrapes the dispatcher"
+
+    ports = egress_ports(docs, DISPATCHER)
+    settings = settings_map(docs)["data"]
+    redis_port = urllib.parse.urlsplit(settings["REDIS_URL"]).port or 6379
+    assert {("UDP", 53), ("TCP", 53), ("TCP", redis_port), ("TCP", 80), ("TCP", 443)} <= ports, ports
+    assert ports <= {("UDP", 53), ("TCP", 53), ("TCP", redis_port), ("TCP", 80), ("TCP", 443)}, ports
+    # Each receiver of WEBHOOK_URL on a port the policy lets out.
+    for url in settings["WEBHOOK_URL"].replace(",", " ").split():
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or {"http": 80, "https": 443}[parts.scheme]
+        assert ("TCP", port) in ports, f"{url}: port {port} is closed to the dispatcher"
+    # Redis pods of the overlay, by their labels, on Redis' port.
+    redis_pods = [
+        labels_of(t)
+        for _, t in pod_templates(docs)
+        if labels_of(t).get("app.kubernetes.io/component") == "redis"
+    ]
+    rules = [rule for policy in policies for rule in policy["spec"].get("egress", [])]
+    for labels in redis_pods:
+        assert any(
+            ("TCP", redis_port) in {(p.get("protocol", "TCP"), p.get("port")) for p in rule["ports"]}
+            and any(
+                "podSelector" in peer and selects(peer["podSelector"], labels) for peer in rule.get("to", [])
+            )
+            for rule in rules
+        ), "the dispatcher cannot reach the Redis pods"
+    if not redis_pods:  # Redis elsewhere, by address
+        assert any(
+            ("TCP", redis_port) in {(p.get("protocol", "TCP"), p.get("port")) for p in rule["ports"]}
+            and any("ipBlock" in peer for peer in rule.get("to", []))
+            for rule in rules
+        ), "the dispatcher cannot reach the external Redis"
+
+
 def test_a_broken_manifest_fails_these_checks(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The checks above can fail: an unknown field fails strict validation on the
     oldest and newest versions, a Service whose selector has a typo fails the
@@ -674,6 +922,45 @@ def test_a_broken_manifest_fails_these_checks(monkeypatch: pytest.MonkeyPatch, t
     with pytest.raises(AssertionError):
         test_over_the_network_only_nginx_takes_requests("dev")
     monkeypatch.undo()
+
+    # The webhook dispatcher: a port opened to everyone, a way out on every
+    # port, WEBHOOK_URL without WEBHOOKS, a grace below the lease.
+    dispatcher_breakages: dict[str, tuple[Callable[[list[Doc]], object], Callable[[str], object]]] = {
+        "its port open": (
+            lambda d: (
+                named(d, "NetworkPolicy", DISPATCHER)["spec"]
+                .setdefault("ingress", [])
+                .append({"ports": [{"port": 8000, "protocol": "TCP"}]})
+            ),
+            test_nothing_connects_to_the_webhook_dispatcher_and_it_goes_out_only_where_it_must,
+        ),
+        "egress to anything": (
+            lambda d: named(d, "NetworkPolicy", DISPATCHER)["spec"]["egress"].append({"to": []}),
+            test_nothing_connects_to_the_webhook_dispatcher_and_it_goes_out_only_where_it_must,
+        ),
+        "a URL, WEBHOOKS off": (
+            lambda d: settings_map(d)["data"].update(WEBHOOK_URL="https://example.com/hooks"),
+            test_webhooks_is_set_with_webhook_url,
+        ),
+        "grace below the lease": (
+            lambda d: named(d, "Deployment", DISPATCHER)["spec"]["template"]["spec"].update(
+                terminationGracePeriodSeconds=20
+            ),
+            test_rolling_updates_never_drop_capacity_and_grace_outlasts_the_drain,
+        ),
+        "no WEBHOOK_SECRET": (
+            lambda d: container_of(named(d, "Deployment", DISPATCHER), "dispatcher").update(env=[]),
+            test_every_setting_a_container_reads_is_given_to_it,
+        ),
+    }
+    for what, (break_dispatcher, check) in dispatcher_breakages.items():
+        broken = copy.deepcopy(overlay("dev"))
+        break_dispatcher(broken)
+        monkeypatch.setitem(globals(), "overlay", rendering(broken))
+        with pytest.raises(AssertionError):
+            check("dev")
+            pytest.fail(f"not caught: {what}")
+        monkeypatch.undo()
 
     service = named(docs, "Service", "publisher-service")
     service["spec"]["selector"] = {key: value + "-typo" for key, value in service["spec"]["selector"].items()}

@@ -2,8 +2,10 @@
 images serve, and does the edge pod's nginx reach its stream worker over the
 Unix socket?
 
-The dev overlay's Redis, publisher and edge pod (nginx and a stream worker)
-are started the way their pod specs say: the same images (built locally from
+The dev overlay's Redis, publisher, edge pod (nginx and a stream worker) and
+webhook dispatcher are started the way their pod specs say, with webhooks
+turned on as docs/kubernetes.md says (an overlay over dev that sets
+WEBHOOK_URL, to a receiver on the same network, and WEBHOOKS=true): the same images (built locally from
 this checkout), command and arguments, environment (ConfigMap, Secret,
 downward API), user and groups (fsGroup), read-only root filesystem, no
 capabilities, sysctls, memory limit, emptyDirs as tmpfs and ConfigMap volumes
@@ -18,45 +20,134 @@ exit 0); one event is published and read back through nginx, which finds the
 publisher through the resolver and domain its entrypoint took from
 /etc/resolv.conf, and the stream worker through its socket; and a stream open
 through nginx is followed while the edge pod is stopped as the kubelet stops
-it: it must end cleanly, after the preStop, with nginx still running.
+it: it must end cleanly, after the preStop, with nginx still running. A
+stream opened and closed through nginx makes the dispatcher POST
+channel.occupied and channel.vacated, signed with the Secret's
+WEBHOOK_SECRET; stopped as the kubelet stops it, the dispatcher gives its
+lanes up within the grace period.
 
-Bounded: about a minute once the images are built.
+Bounded: about a minute and a half once the images are built.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
+import yaml
+from herald_client import verify_webhook
 
-from tests.deploy.manifests import of_kind, overlay
+from tests.deploy.manifests import KUBERNETES, Doc, of_kind, render
 from tests.deploy.pods import LOCAL, PROJECT, Pod, build_service_images, docker
 from tests.support.docker import REDIS_IMAGE, require_docker
 
 READY_WITHIN = 90.0
 SOCKET = "/run/herald/stream-1.sock"
+DISPATCHER = "webhook-dispatcher"
+# The webhook receiver: a stand-in on the pods' network, on port 80 (one the
+# dispatcher's NetworkPolicy lets out by default).
+RECEIVER = "webhook-receiver"
+WEBHOOK_URL = f"http://{RECEIVER}/hooks"
+# Prints each POST (path, headers, body) as a JSON line on stdout; answers 204.
+RECEIVER_SCRIPT = """
+import http.server, json
+class Receiver(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        line = {"path": self.path, "headers": dict(self.headers.items()), "body": body.decode()}
+        print(json.dumps(line), flush=True)
+        self.send_response(204)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("", 80), Receiver).serve_forever()
+"""
+
+
+def dev_with_webhooks(directory: Path) -> list[Doc]:
+    """The dev overlay with webhooks on, the way docs/kubernetes.md says: an
+    overlay that sets WEBHOOK_URL and WEBHOOKS=true together (and a short
+    vacated delay, so the test waits less)."""
+    directory.mkdir()
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(KUBERNETES / "overlays" / "dev", directory)],
+        "configMapGenerator": [
+            {
+                "name": "herald-settings",
+                "behavior": "merge",
+                "literals": [
+                    f"WEBHOOK_URL={WEBHOOK_URL}",
+                    "WEBHOOKS=true",
+                    "WEBHOOK_VACATED_DELAY_SECONDS=1",
+                ],
+            }
+        ],
+    }
+    (directory / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return render(directory)
 
 
 @pytest.fixture(scope="module")
-def pods(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Pod]]:
+def network() -> Iterator[str]:
     require_docker("running the rendered pods")
-    docs = overlay("dev")
-    namespace = next(doc["metadata"]["name"] for doc in of_kind(docs, "Namespace"))
-    images = build_service_images()
+    name = f"{PROJECT}-{uuid.uuid4().hex[:8]}"
+    docker("network", "create", "--label", f"{PROJECT}=1", name)
+    try:
+        yield name
+    finally:
+        leftovers = docker("ps", "-aq", "--filter", f"network={name}", check=False).stdout.split()
+        if leftovers:
+            docker("rm", "-f", "-v", *leftovers, check=False)
+        docker("network", "rm", name, check=False)
+
+
+@pytest.fixture(scope="module")
+def images() -> dict[str, str]:
+    require_docker("running the rendered pods")
+    built = build_service_images()
     if LOCAL:
-        images["redis"] = REDIS_IMAGE
-        images["nginx"] = "herald-local/nginx:bookworm"
+        built["redis"] = REDIS_IMAGE
+        built["nginx"] = "herald-local/nginx:bookworm"
+    return built
+
+
+@pytest.fixture(scope="module")
+def receiver(network: str, images: dict[str, str]) -> Iterator[str]:
+    """The webhook receiver's container (its log holds what it was sent)."""
+    name = f"{network}-{RECEIVER}"
+    docker(
+        *("run", "-d", "--name", name, "--label", f"{PROJECT}=1", "--network", network),
+        *("--network-alias", RECEIVER, "--sysctl", "net.ipv4.ip_unprivileged_port_start=0"),
+        *("--user", "10001:10001", "--read-only", "--cap-drop", "ALL"),
+        *(images["herald/publisher-service"], "python", "-c", RECEIVER_SCRIPT),
+    )
+    try:
+        yield name
+    finally:
+        docker("rm", "-f", name, check=False)
+
+
+@pytest.fixture(scope="module")
+def pods(
+    tmp_path_factory: pytest.TempPathFactory, network: str, images: dict[str, str], receiver: str
+) -> Iterator[dict[str, Pod]]:
     tmp = tmp_path_factory.mktemp("pods")
-    network = f"{PROJECT}-{uuid.uuid4().hex[:8]}"
+    docs = dev_with_webhooks(tmp / "dev-with-webhooks")
+    namespace = next(doc["metadata"]["name"] for doc in of_kind(docs, "Namespace"))
     workloads = [doc for doc in of_kind(docs, "StatefulSet", "Deployment")]
-    order = {"redis": 0, "publisher": 1, "edge": 2}
-    workloads.sort(key=lambda doc: order.get(doc["metadata"]["name"], 3))
+    order = {"redis": 0, "publisher": 1, DISPATCHER: 2, "edge": 3}
+    workloads.sort(key=lambda doc: order.get(doc["metadata"]["name"], 4))
     started: dict[str, Pod] = {}
-    docker("network", "create", "--label", f"{PROJECT}=1", network)
     try:
         for workload in workloads:
             pod = Pod(workload, docs, namespace, images, tmp)
@@ -66,13 +157,13 @@ def pods(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Pod]]:
     finally:
         for pod in started.values():
             pod.remove()
-        docker("network", "rm", network, check=False)
 
 
 @pytest.mark.timeout(600)
 def test_every_probe_of_every_pod_passes_on_the_real_images(pods: dict[str, Pod]) -> None:
-    assert set(pods) == {"redis", "publisher", "edge"}
+    assert set(pods) == {"redis", "publisher", "edge", DISPATCHER}
     assert set(pods["edge"].containers) == {"nginx", "stream"}
+    assert set(pods[DISPATCHER].containers) == {"dispatcher"}
     deadline = time.monotonic() + READY_WITHIN
     # A pod is ready when every container of it is.
     waiting = {(pod.name, container): pod for pod in pods.values() for container in pod.containers}
@@ -97,8 +188,8 @@ def test_every_probe_of_every_pod_passes_on_the_real_images(pods: dict[str, Pod]
     # The probes asked for the paths the manifests name, and the services know them.
     http = {what for passed, what in results.values() if what.startswith("GET")}
     assert {
-        "GET /readyz on http: 200",  # the publisher
-        "GET /healthz on http: 200",  # the publisher, nginx
+        "GET /readyz on http: 200",  # the publisher, the webhook dispatcher
+        "GET /healthz on http: 200",  # the publisher, nginx, the webhook dispatcher
         "GET /readyz on stream-http: 200",  # the edge pod's stream worker, on its TCP 8000
         "GET /healthz on stream-http: 200",
     } <= http, http
@@ -149,6 +240,87 @@ def test_nginx_reaches_the_publisher_by_name_and_the_stream_worker_over_the_sock
     stats = requests.get(f"http://127.0.0.1:{edge.port('stream-http')}/stats", timeout=10).json()
     assert stats["slot"] == 1, stats
     assert stream.env["STREAM_SOCKET_DIR"] == "/run/herald"
+
+
+def received(receiver: str) -> list[dict[str, Any]]:
+    """Every POST the receiver got, in order."""
+    lines = docker("logs", receiver, check=False).stdout.splitlines()
+    return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+def wait_for_event(receiver: str, kind: str, channel: str, within: float) -> dict[str, Any]:
+    """The first POST of a `kind` event for `channel` (alone or in a batch)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        for post in received(receiver):
+            body = json.loads(post["body"])
+            events = body["data"]["events"] if body.get("type") == "batch" else [body]
+            if any(e["type"] == kind and e["data"]["channel"] == channel for e in events):
+                return post
+        time.sleep(0.25)
+    raise AssertionError(f"no {kind} for {channel} within {within} s: {received(receiver)}")
+
+
+@pytest.mark.timeout(180)
+def test_the_dispatcher_sends_signed_webhooks_when_a_channel_fills_and_empties(
+    pods: dict[str, Pod], receiver: str
+) -> None:
+    """WEBHOOKS=true reaches the stream worker (it writes the occupancy events),
+    WEBHOOK_URL, WEBHOOK_SECRET (from the Secret) and the settings reach the
+    dispatcher, which holds every lane and POSTs both events, signed."""
+    dispatcher, edge = pods[DISPATCHER], pods["edge"]
+    assert edge.containers["stream"].env["WEBHOOKS"] == "true"
+    assert dispatcher.env["WEBHOOK_URL"] == WEBHOOK_URL
+    ready: dict[str, Any] = {}
+    lanes = 8 * int(dispatcher.env["PARTITIONS"])  # one dispatcher in dev: all of them
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        ready = requests.get(f"http://127.0.0.1:{dispatcher.port('http')}/readyz", timeout=5).json()
+        if ready.get("lanes") == lanes:
+            break
+        time.sleep(0.5)
+    assert ready == {"status": "ok", "webhooks": "on", "lanes": lanes}, f"{ready}\n{dispatcher.logs()}"
+
+    base = f"http://127.0.0.1:{edge.port('http')}"
+    channel = f"k8s.hooks.{uuid.uuid4().hex[:8]}"
+    secret = dispatcher.env["WEBHOOK_SECRET"]
+    response = requests.get(f"{base}/stream", params={"channel": channel}, stream=True, timeout=(5, 60))
+    try:
+        assert response.status_code == 200, f"{response.status_code} {response.text}\n{edge.logs()}"
+        occupied = wait_for_event(receiver, "channel.occupied", channel, 30)
+    finally:
+        response.close()
+    vacated = wait_for_event(receiver, "channel.vacated", channel, 45)
+    for post in (occupied, vacated):
+        assert post["path"] == "/hooks"
+        # Signed with the Secret's key: a receiver holding it accepts the POST.
+        event = verify_webhook(post["body"].encode(), post["headers"], secret)
+        assert event["data"] == {"channel": channel}, event
+    metrics = requests.get(f"http://127.0.0.1:{dispatcher.port('http')}/metrics", timeout=5).text
+    sent = [
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith('herald_webhook_events_sent_total{endpoint="0"}')
+    ]
+    assert sent and sent[0] >= 2, sent
+
+
+@pytest.mark.timeout(180)
+def test_the_dispatcher_stops_within_its_grace_and_gives_its_lanes_up(pods: dict[str, Pod]) -> None:
+    """Stopped as the kubelet stops it (no preStop, SIGTERM, SIGKILL at the grace
+    period): it exits 0 in time, with every lease released and itself off the
+    registry, so another dispatcher would take the lanes at once."""
+    dispatcher, redis = pods[DISPATCHER], pods["redis"]
+    grace = float(dispatcher.spec["terminationGracePeriodSeconds"])
+    stopped = dispatcher.terminate()
+    code, after = stopped["dispatcher"]
+    assert code == 0 and after < grace, (stopped, dispatcher.logs())
+    partitions = int(dispatcher.env["PARTITIONS"])
+    leases = [f"herald:{{p{p}}}:hooks:lease:{lane}" for p in range(partitions) for lane in range(8)]
+    held = docker("exec", redis.container_name, "redis-cli", "exists", *leases).stdout.strip()
+    assert held == "0", f"{held} leases still held after a clean stop\n{dispatcher.logs()}"
+    live = docker("exec", redis.container_name, "redis-cli", "zcard", "herald:{p0}:hooks:dispatchers")
+    assert live.stdout.strip() == "0", live.stdout
 
 
 @pytest.mark.timeout(180)

@@ -2,10 +2,15 @@
 how a pod becomes a container): the Job forms the cluster from six empty
 nodes, and after every node is recreated on a new address (what a restart of
 all pods does on Kubernetes) the nodes find each other again by name, without
-the Job, with their data. Bounded: about a minute."""
+the Job, with their data. Then the webhook dispatcher, as the overlay renders
+it (REDIS_MODE=cluster, the component's PARTITIONS) with webhooks on, takes
+every lane of every partition over the cluster. Bounded: about a minute and
+a half."""
 
 from __future__ import annotations
 
+import base64
+import copy
 import random
 import time
 import uuid
@@ -13,9 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 
-from tests.deploy.manifests import named, of_kind, overlay
-from tests.deploy.pods import LOCAL, PROJECT, Pod, docker
+from tests.deploy.manifests import named, of_kind, overlay, settings_map
+from tests.deploy.pods import LOCAL, PROJECT, Pod, build_service_images, docker
 from tests.support.docker import REDIS_IMAGE, require_docker
 
 NODES = 6
@@ -119,3 +125,37 @@ def test_the_cluster_forms_and_comes_back_on_new_addresses(network: tuple[str, s
     waited = docker("wait", job.container_name, timeout=240)
     assert waited.stdout.strip() == "0", job.logs()
     wait_until_ok(nodes, within=30)
+
+    # The webhook dispatcher on this cluster, with webhooks on as an operator
+    # turns them on: WEBHOOK_URL and WEBHOOKS=true in herald-settings, the
+    # signing secret in the Secret they create. No stream runs, so nothing is
+    # sent (the receiver need not exist): it must hold all 8 x PARTITIONS lanes,
+    # their leases spread over the masters' slots.
+    hooks = copy.deepcopy(docs)
+    settings = settings_map(hooks)["data"]
+    assert settings["REDIS_MODE"] == "cluster"
+    settings.update(WEBHOOK_URL="http://webhook-receiver.invalid/hooks", WEBHOOKS="true")
+    secret = "whsec_" + base64.b64encode(bytes(range(32))).decode()
+    hooks.append(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "herald-secrets", "namespace": namespace},
+            "data": {"WEBHOOK_SECRET": base64.b64encode(secret.encode()).decode()},
+        }
+    )
+    images = {**images, **build_service_images()}
+    dispatcher = Pod(named(hooks, "Deployment", "webhook-dispatcher"), hooks, namespace, images, tmp_path)
+    dispatcher.start(name)
+    lanes = 8 * int(settings["PARTITIONS"])
+    ready: dict[str, object] = {}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            ready = requests.get(f"http://127.0.0.1:{dispatcher.port('http')}/readyz", timeout=5).json()
+        except requests.RequestException as error:
+            ready = {"error": repr(error)}
+        if ready.get("lanes") == lanes:
+            break
+        time.sleep(1)
+    assert ready == {"status": "ok", "webhooks": "on", "lanes": lanes}, f"{ready}\n{dispatcher.logs()}"

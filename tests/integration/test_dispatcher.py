@@ -11,6 +11,7 @@ with webhooks on), driven by hand as in test_occupancy.py.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import re
@@ -27,6 +28,7 @@ from typing import Any
 import pytest
 import redis
 from herald_client import verify_webhook
+from stream import occupancy
 from stream.contract import partition_of
 from stream.presence import Presence
 
@@ -351,3 +353,26 @@ def cli(hooks_redis: str, receiver: Receiver, *args: str) -> str:
     )
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
+def test_events_the_lane_cap_trimmed_unread_are_counted_as_dropped(
+    client: redis.Redis, receiver: Receiver, start: Any
+) -> None:
+    first = start()
+    name = channel("warm")
+    worker(client).sync({(partition_of(name, 1), name): 1})
+    assert eventually(lambda: len(receiver.taken(name)) == 1, 10)
+    first.stop()  # no dispatcher drains the lanes now
+    lane = int(hashlib.sha1(name.encode()).hexdigest()[:6], 16) % occupancy.LANES
+    key = occupancy.lane_key(0, lane)
+    now_ms = int(time.time() * 1000)
+    for i in range(50):
+        number = client.hincrby(occupancy.numbers_key(0), str(lane), 1)
+        fields = {"type": "channel.occupied", "channel": f"trim-{i:02d}", "time": now_ms, "n": number}
+        client.xadd(key, fields)  # type: ignore[arg-type]
+    client.xtrim(key, maxlen=10, approximate=False)  # what the cap does to a lane nobody drains
+    second = start()
+    assert eventually(lambda: len(receiver.events("trim-")) == 10, 10)
+    assert [e["data"]["channel"] for _, e in receiver.events("trim-")] == [f"trim-{i}" for i in range(40, 50)]
+    assert eventually(lambda: second.metric("herald_webhook_events_dropped_total") == 40, 10), second.log()
+    assert "40 event(s) for endpoint" in second.log()

@@ -68,3 +68,13 @@ def channels_in_one_partition(prefix: str, count: int, partitions: int) -> list[
 def expiries_key(channel: str, partitions: int = 1) -> str:
     """The sorted set of channels by when their history expires (ms, Redis clock)."""
     return f"{tag(channel, partitions)}:expiries"
+
+
+def presence_key(channel: str, partitions: int = 1) -> str:
+    """The hash of the channel's streams per stream worker ("<count> <deadline ms>")."""
+    return f"{tag(channel, partitions)}:presence:{channel}"
+
+
+def occupancy_key(partition_number: int) -> str:
+    """The index of one partition's occupied (or vacating) channels, by name (score 0)."""
+    return f"herald:{{p{partition_number}}}:occupancy"
