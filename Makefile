@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # (see scripts/test-env.sh).
 export HERALD_IMAGES ?= auto
 
-.PHONY: test deps lint unit integration e2e bench images up down clean
+.PHONY: test deps lint unit integration e2e bench bench-webhooks images up down clean
 
 test: lint
 	eval "$$(scripts/test-env.sh)" && $(BIN)/pytest
@@ -35,6 +35,10 @@ e2e: deps
 
 bench: deps
 	$(BIN)/python -m tests.load.bench $(BENCH_ARGS)
+
+# What occupancy and webhooks cost (tests/load/webhooks.py; needs redis-server or --redis-url).
+bench-webhooks: deps
+	$(BIN)/python -m tests.load.webhooks $(BENCH_ARGS)
 
 # Local stand-ins for the official base images (no registry needed).
 images:

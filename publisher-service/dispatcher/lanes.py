@@ -33,7 +33,10 @@ from .sender import Outcome, Sender
 
 log = logging.getLogger("herald.dispatcher")
 
-READ_BLOCK_MS = 2000  # how long a read waits for new entries
+# How long a read waits for new entries: an idle lane costs Redis one read per
+# this (a stop does not wait for it: an idle reader is simply killed).
+READ_BLOCK_MS = 10000
+ERROR_BACKOFF_MAX = 30.0  # seconds between retries after Redis errors, at most
 CLAIM_COUNT = 100
 FIRST_BACKOFF = 1.0  # seconds, doubled per failure up to WEBHOOK_BACKOFF_MAX_SECONDS
 
@@ -55,7 +58,7 @@ class Delivery:
 
     def __init__(
         self,
-        client: Client,
+        clients: tuple[Client, Client],
         sender: Sender,
         config: Config,
         where: tuple[int, int],
@@ -64,7 +67,7 @@ class Delivery:
         lease: Lease,
         stop: gevent.event.Event,
     ) -> None:
-        self._client = client
+        self._client, self._reader = clients  # commands; the blocking reads of new entries
         self._sender = sender
         self._config = config
         self.partition, self.lane = where
@@ -80,10 +83,12 @@ class Delivery:
         self._lease = lease
         self._stop = stop
         self.head_ms: int | None = None  # creation time of the event being sent (metrics.OLDEST)
+        self.reading = False  # waiting on Redis for new entries: safe to kill
 
     def run(self) -> None:
         """Deliver until told to stop or the lease runs short; Redis errors are waited out."""
         prepared = False
+        errors = 0
         while not self._stop.is_set():
             try:
                 if not prepared:
@@ -92,14 +97,23 @@ class Delivery:
                 events = self._next()
                 if events:
                     self._deliver(events)
+                errors = 0
             except LeaseShort:
                 # Until it is renewed; if it was lost, the lane is stopped (service.py).
                 while not self._stop.is_set() and self._lease.remaining() <= self._config.timeout_seconds + 1:
                     self._stop.wait(0.1)
             except (redis.RedisError, OSError) as exc:
-                log.warning("lane %s/%s: Redis error (%s); retrying", self.partition, self.lane, exc)
+                # Backing off, jittered: a lost node must not bring every lane's
+                # reconnection (and DNS lookup) at once, every second.
+                errors += 1
+                wait = backoff(errors, ERROR_BACKOFF_MAX, None)
+                log.warning(
+                    "lane %s/%s: Redis error (%s); retrying in %.1f s", self.partition, self.lane, exc, wait
+                )
                 self._pending = True  # an acknowledgement may have failed
-                self._stop.wait(1.0)
+                self._stop.wait(wait)
+            finally:
+                self.reading = False
         self.head_ms = None
 
     def _prepare(self) -> None:
@@ -125,10 +139,14 @@ class Delivery:
         """This consumer's pending entries first (after a takeover or a failed
         acknowledgement), else new ones, waiting up to READ_BLOCK_MS."""
         count = self._config.batch_max
-        entries = self._read("0", count, None) if self._pending else []
+        entries = self._read("0", count, None, self._client) if self._pending else []
         if not entries:
             self._pending = False
-            entries = self._read(">", count, READ_BLOCK_MS)
+            self.reading = True
+            try:
+                entries = self._read(">", count, READ_BLOCK_MS, self._reader)
+            finally:
+                self.reading = False
             self._count_gaps(entries)
         events, done = [], []
         for entry, fields in entries:
@@ -164,10 +182,8 @@ class Delivery:
         if self._number != last:
             self._client.hset(numbers_read_key(self.partition), self._read_field, str(self._number))
 
-    def _read(self, start: str, count: int, block: int | None) -> list[tuple[Any, Any]]:
-        answer: Any = self._client.xreadgroup(
-            self.group, self._me, {self._key: start}, count=count, block=block
-        )
+    def _read(self, start: str, count: int, block: int | None, client: Client) -> list[tuple[Any, Any]]:
+        answer: Any = client.xreadgroup(self.group, self._me, {self._key: start}, count=count, block=block)
         if not answer:
             return []
         if isinstance(answer, dict):  # RESP3

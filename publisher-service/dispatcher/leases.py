@@ -25,6 +25,20 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[
 return 0
 """)
 
+# KEYS = leases of one partition (one slot); ARGV[1] = dispatcher id, ARGV[2] = TTL (ms).
+# Returns one 1 (renewed) or 0 (lost) per key.
+RENEW_MANY = Script("""#!lua flags=allow-oom
+local renewed = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    renewed[i] = redis.call('PEXPIRE', key, ARGV[2])
+  else
+    renewed[i] = 0
+  end
+end
+return renewed
+""")
+
 RELEASE = Script("""#!lua flags=allow-oom
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -74,6 +88,14 @@ class Lease:
         self._valid_until = 0.0
         return False
 
+    def renewed(self, sent: float, ok: bool) -> None:
+        """The outcome of a renewal sent at `sent` (monotonic) for several leases at once."""
+        self._valid_until = sent + self._seconds if ok else 0.0
+
+    @property
+    def key(self) -> str:
+        return self._key
+
     def release(self) -> None:
         """Give the lane up at once (a clean stop), so another takes it without waiting."""
         self._valid_until = 0.0
@@ -82,6 +104,15 @@ class Lease:
     def remaining(self) -> float:
         """Seconds the lease surely still holds."""
         return self._valid_until - time.monotonic()
+
+
+def renew_all(client: Client, me: str, seconds: float, held: dict[int, list[Lease]]) -> None:
+    """Renew every lease held, one script per partition (its leases share a slot)."""
+    for leases in held.values():
+        sent = time.monotonic()
+        answers = RENEW_MANY.run(client, [lease.key for lease in leases], [me, int(seconds * 1000)])
+        for lease, answer in zip(leases, answers, strict=True):
+            lease.renewed(sent, answer == 1)
 
 
 def register(client: Client, me: str, ttl_seconds: float) -> int:

@@ -28,7 +28,7 @@ from redis.cluster import RedisCluster
 from . import leases, metrics
 from .config import Config
 from .contract import group_name
-from .lanes import Delivery
+from .lanes import READ_BLOCK_MS, Delivery
 from .leases import Client, Lease
 from .occupancy import LANES, lane_key
 from .sender import Sender
@@ -36,18 +36,23 @@ from .sweeper import MOST, sweep
 
 log = logging.getLogger("herald.dispatcher")
 
-SWEEP_SECONDS = 0.5
+SWEEP_SECONDS = 1.0  # how often the holder of lane 0 sweeps its partition
 TRIM_SECONDS = 30.0  # the lanes' cap bounds them meanwhile
 RENEWALS = 6  # lease renewals per lease period
 
 
-def make_client(config: Config) -> Client:
-    """Redis, or the cluster (REDIS_MODE). Reads block up to a second, so the socket waits longer."""
-    timeout = config.redis_timeout_seconds + 2
+def make_client(config: Config, blocking: bool = False) -> Client:
+    """Redis, or the cluster (REDIS_MODE). `blocking`: for the lanes' reads, which
+    wait up to READ_BLOCK_MS for new entries, so their sockets wait that much longer."""
+    timeout = config.redis_timeout_seconds + (READ_BLOCK_MS / 1000 if blocking else 0)
+    connect = config.redis_timeout_seconds
     if config.redis_mode == "cluster":
-        return RedisCluster.from_url(config.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        # Per node: each lane held waits on a connection of its own.
+        return RedisCluster.from_url(
+            config.redis_url, socket_timeout=timeout, socket_connect_timeout=connect, max_connections=1024
+        )
     return redis.Redis.from_url(
-        config.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout, max_connections=256
+        config.redis_url, socket_timeout=timeout, socket_connect_timeout=connect, max_connections=1024
     )
 
 
@@ -64,7 +69,7 @@ class Lane:
         self.stop = gevent.event.Event()
         self.deliveries = [
             Delivery(
-                dispatcher.client,
+                (dispatcher.client, dispatcher.reader),
                 dispatcher.sender,
                 dispatcher.config,
                 (partition, number),
@@ -82,8 +87,12 @@ class Lane:
         self._greenlets.append(gevent.spawn(self._housekeeping))
 
     def halt(self, timeout: float) -> None:
-        """Stop: deliveries finish the POST in flight (bounded by the request timeout)."""
+        """Stop: deliveries waiting for new entries end at once; one with a POST
+        in flight finishes it first (bounded by the request timeout)."""
         self.stop.set()
+        for delivery, greenlet in zip(self.deliveries, self._greenlets, strict=False):
+            if delivery.reading:
+                greenlet.kill(block=False)
         gevent.joinall(self._greenlets, timeout=timeout)
         gevent.killall([g for g in self._greenlets if not g.dead], block=True, timeout=1)
 
@@ -131,6 +140,7 @@ class Dispatcher:
         self.me = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         # Neither connects before it is used: with webhooks off, nothing is.
         self.client: Client = make_client(config)
+        self.reader: Client = make_client(config, blocking=True)
         self.sender = Sender(config)
         self.lanes: dict[tuple[int, int], Lane] = {}
         self.stopping = gevent.event.Event()
@@ -163,8 +173,12 @@ class Dispatcher:
         lanes beyond its share, take free ones up to it."""
         try:
             live = leases.register(self.client, self.me, self.config.lease_seconds)
+            held: dict[int, list[Lease]] = {}
+            for (partition, _), lane in self.lanes.items():
+                held.setdefault(partition, []).append(lane.lease)
+            leases.renew_all(self.client, self.me, self.config.lease_seconds, held)
             for where, lane in list(self.lanes.items()):
-                if not lane.lease.renew():
+                if lane.lease.remaining() <= 0:
                     log.warning("lane %s/%s: lease lost; stopping it", *where)
                     self._drop(where, release=False)
             all_lanes = [(p, n) for p in range(self.config.partitions) for n in range(LANES)]

@@ -161,15 +161,18 @@ def test_every_event_arrives_through_failures_timeouts_and_a_dead_receiver(
     stack.docker("start", receiver)
     for c in channels:
         wait_kinds(hooks, c, ["occupied", "vacated"] * pairs, timeout=30)
+    requests_made = events_made = 0
     for c in channels:
         records = hooks.on(c)
         ids: dict[str, str] = {}
         for r in records:
             for e in events_of(r):
                 assert ids.setdefault(e["id"], r["headers"]["webhook-id"]) == r["headers"]["webhook-id"]
-        assert len(records) > len(ids), f"{c}: the failures caused no redelivery at all"
+        requests_made, events_made = requests_made + len(records), events_made + len(ids)
         taken = hooks.taken(c)
         assert [e["timestamp"] for e in taken] == sorted(e["timestamp"] for e in taken), "out of order"
+    # (A channel whose lane waited behind another's retries may have had no failure of its own.)
+    assert requests_made > events_made, "the failures caused no redelivery at all"
 
 
 def test_a_dispatcher_killed_between_a_post_and_its_acknowledgement(hooks_stack: Stack, hooks: Hooks) -> None:

@@ -25,7 +25,7 @@ TTL = 3.0  # PRESENCE_TTL_SECONDS, the shortest allowed
 TIMEOUT = 2.0  # WEBHOOK_TIMEOUT_SECONDS
 RETRY_WINDOW = 40.0  # WEBHOOK_RETRY_SECONDS: longer than the outage below
 # Long enough for an empty spell to be a real transition: the delay, the
-# presence write (within a second) and the sweep (every half second), with room.
+# presence write (within a second) and the sweep (every second), with room.
 GAP = DELAY + 3.0
 RECEIVER_FILE = "tests/e2e/compose.webhooks.yaml"
 

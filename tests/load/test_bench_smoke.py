@@ -242,3 +242,38 @@ def test_quick_compose_bench_measures_both_paths(tmp_path: Path) -> None:
         timeout=30,
     )
     assert left.stdout.strip() == "", "the bench left containers behind"
+
+
+def test_the_webhook_bench_runs_end_to_end_and_checks_delivery(tmp_path: Path) -> None:
+    """`python -m tests.load.webhooks` at a small size, on a Redis of its own (it
+    flushes it): every event delivered once, alternating, and each figure there."""
+    require_docker("the webhook bench smoke test")
+    from testcontainers.community.redis import RedisContainer
+
+    with RedisContainer(REDIS_IMAGE) as container:
+        url = f"redis://{container.get_container_host_ip()}:{container.get_exposed_port(6379)}/0"
+        out = tmp_path / "webhooks.json"
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tests.load.webhooks",
+                "--channels",
+                "60",
+                "--redis-url",
+                url,
+                "--json",
+                str(out),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out.read_text())
+    assert report["delivery"]["complete"] is True
+    assert report["delivery"]["received"] == 120 and report["delivery"]["duplicates"] == 0
+    assert report["latency"]["received"] == report["latency"]["events"]
+    assert report["presence_on"]["redis_us_per_channel"] > 0 < report["presence_off"]["redis_us_per_channel"]

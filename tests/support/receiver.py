@@ -20,6 +20,7 @@ class Received:
     at: float  # monotonic
     headers: dict[str, str]
     body: bytes
+    wall: float = 0.0  # time.time(), for latencies against an event's timestamp
 
     @property
     def id(self) -> str:
@@ -67,19 +68,20 @@ def running_receiver() -> Iterator[Receiver]:
     receiver = Receiver(port=0)
 
     class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as a real receiver's server
+
         def do_POST(self) -> None:
             length = int(self.headers.get("content-length", "0"))
-            got = Received(
-                time.monotonic(), {k.lower(): v for k, v in self.headers.items()}, self.rfile.read(length)
-            )
-            status, headers, delay = receiver.answer(got)
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            got = Received(time.monotonic(), headers, self.rfile.read(length), time.time())
+            status, extra, delay = receiver.answer(got)
             with receiver.lock:
                 receiver.requests.append(got)
             if delay:
                 time.sleep(delay)
             try:
                 self.send_response(status)
-                for name, value in headers.items():
+                for name, value in extra.items():
                     self.send_header(name, value)
                 self.send_header("content-length", "0")
                 self.end_headers()
