@@ -3,6 +3,7 @@ records every request (headers and raw body) and answers as the test says."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -21,6 +22,7 @@ class Received:
     headers: dict[str, str]
     body: bytes
     wall: float = 0.0  # time.time(), for latencies against an event's timestamp
+    status: int = 0  # how it was answered
 
     @property
     def id(self) -> str:
@@ -75,6 +77,7 @@ def running_receiver() -> Iterator[Receiver]:
             headers = {k.lower(): v for k, v in self.headers.items()}
             got = Received(time.monotonic(), headers, self.rfile.read(length), time.time())
             status, extra, delay = receiver.answer(got)
+            got = dataclasses.replace(got, status=status)
             with receiver.lock:
                 receiver.requests.append(got)
             if delay:
