@@ -1,8 +1,7 @@
 """The Compose stack on a Redis Cluster (compose.yaml + compose.cluster.yaml):
 the same API on the same port, through nginx, with streams over partitions on
-different masters resuming exactly, a master killed while publishing, and the
-lifecycle webhooks of channels on every master (webhooks are on here, with the
-e2e receiver: tests/e2e/webhooks.py)."""
+different masters resuming exactly, and a master killed while publishing.
+(The webhooks on a cluster: test_cluster_webhooks.py.)"""
 
 from __future__ import annotations
 
@@ -10,25 +9,17 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.e2e.cluster import FILES, cli, master_of
 from tests.e2e.conftest import running_stack
 from tests.e2e.support import ResumingClient, Stack, iter_frames, until_live, wait_until
-from tests.e2e.webhooks import RECEIVER_FILE, Hooks, subscribe, visit, wait_kinds, webhook_settings
 
 
 @pytest.fixture(scope="module")
-def receiver_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cluster-webhook-receiver")
-
-
-@pytest.fixture(scope="module")
-def cluster_stack(tmp_path_factory: pytest.TempPathFactory, receiver_dir: Path) -> Iterator[Stack]:
-    workdir = tmp_path_factory.mktemp("herald-cluster")
-    with running_stack(workdir, webhook_settings(receiver_dir), files=(*FILES, RECEIVER_FILE)) as stack:
+def cluster_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with running_stack(tmp_path_factory.mktemp("herald-cluster"), files=FILES) as stack:
         yield stack
 
 
@@ -77,27 +68,6 @@ def test_the_cluster_variant_serves_the_same_api_through_nginx(cluster_stack: St
     assert sorted((json.loads(e.data)["c"], json.loads(e.data)["n"]) for e in client.events) == sorted(
         (c, n) for n in range(3, 6) for c in channels
     )
-
-
-def test_webhooks_of_channels_on_every_master(cluster_stack: Stack, receiver_dir: Path) -> None:
-    """Each master's channels get their occupied/vacated pair (a reload within the
-    delay sends nothing), and no script crossed slots."""
-    stack, hooks = cluster_stack, Hooks(receiver_dir)
-    channels = on_distinct_masters(stack, 3)
-    opened = [subscribe(stack, c) for c in channels]
-    time.sleep(1.5)
-    opened[0].close()
-    opened[0] = subscribe(stack, channels[0])  # a reload
-    time.sleep(1.5)
-    for response in opened:
-        response.close()
-    for c in channels:
-        wait_kinds(hooks, c, ["occupied", "vacated"])
-    for c in channels:
-        visit(stack, c)
-        wait_kinds(hooks, c, ["occupied", "vacated"] * 2)
-    logs = stack.compose("logs", "--no-color", "stream-service", "webhook-dispatcher", timeout=60).stdout
-    assert "CROSSSLOT" not in logs and "Traceback" not in logs
 
 
 def test_a_master_killed_while_publishing_through_the_stack(cluster_stack: Stack) -> None:
