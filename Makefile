@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # (see scripts/test-env.sh).
 export HERALD_IMAGES ?= auto
 
-.PHONY: test deps lint unit integration e2e bench bench-webhooks images up down clean
+.PHONY: test deps lint unit integration e2e bench bench-webhooks bench-tls images up down clean
 
 test: lint
 	eval "$$(scripts/test-env.sh)" && $(BIN)/pytest
@@ -39,6 +39,10 @@ bench: deps
 # What occupancy and webhooks cost (tests/load/webhooks.py; needs redis-server or --redis-url).
 bench-webhooks: deps
 	$(BIN)/python -m tests.load.webhooks $(BENCH_ARGS)
+
+# What HTTPS and HTTP/2 at the front door cost per delivery (tests/load/tls.py; Docker).
+bench-tls: deps
+	$(BIN)/python -m tests.load.tls $(BENCH_ARGS)
 
 # Local stand-ins for the official base images (no registry needed).
 images:

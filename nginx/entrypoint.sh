@@ -26,7 +26,17 @@
 #    (stream-service/stream/slots.py). `tcp`: the stream service's name on
 #    port 8000, looked up through the resolver at request time (the hop across
 #    the container network, as before; docs/benchmark.md compares the two).
-# 5. nginx's stderr (its error log) goes through a filter that cuts the query
+# 5. HERALD_TLS, TLS_REDIRECT and HERALD_TLS_PORT become HERALD_TLS_LISTEN,
+#    HERALD_TLS_REDIRECT and HERALD_HSTS: HTTPS with HTTP/2 on port 443 when
+#    nginx has a certificate and its key (/etc/nginx/tls/cert.pem and key.pem,
+#    which compose.yaml mounts from TLS_CERT_FILE and TLS_KEY_FILE; docs/tls.md).
+#    HERALD_TLS=auto (the default): on when both files are there and not
+#    empty (Compose mounts /dev/null for an unset one), off when neither is;
+#    `on` insists on them, `off` ignores them. Off, nothing is rendered and
+#    the front door is plain HTTP/1.1 on port 80 only, as without this step.
+#    HTTP/2 is `http2 on;` from nginx 1.25.1 and `listen ... http2` before
+#    (the local stand-in's Debian nginx is 1.22): `nginx -v` says which.
+# 6. nginx's stderr (its error log) goes through a filter that cuts the query
 #    string out of every line: the error log prints the whole request line
 #    (and the upstream URL, and the referrer) on refused streams, upstream
 #    errors and bad requests, and its format cannot be changed, while
@@ -119,7 +129,71 @@ case "${STREAM_TRANSPORT:-unix}" in
   *) die "STREAM_TRANSPORT: '${STREAM_TRANSPORT}' is not unix or tcp" ;;
 esac
 
-# --- 5. nginx's stderr through the redacting filter ----------------------------
+# --- 5. HERALD_TLS, TLS_REDIRECT, HERALD_TLS_PORT -> HERALD_TLS_LISTEN, HERALD_TLS_REDIRECT, HERALD_HSTS
+# (HERALD_TLS_DIR: another directory than /etc/nginx/tls, where the files are
+# looked for and herald-tls.inc.template names them; for tests.)
+tls_dir=${HERALD_TLS_DIR:-/etc/nginx/tls}
+printf '%s\n' "$tls_dir" | grep -Eqx '/[A-Za-z0-9/._-]*' \
+  || die "HERALD_TLS_DIR: '$tls_dir' is not an absolute path nginx can read safely"
+export HERALD_TLS_DIR="$tls_dir"
+tls_file() {  # $1 = path: 0 if a certificate or key is there, 1 if none is
+  # A directory: Docker made one at the mount's source on the host, because
+  # the file named there does not exist (a typo in TLS_CERT_FILE or TLS_KEY_FILE).
+  [ ! -d "$1" ] || die "$1 is a directory: TLS_CERT_FILE and TLS_KEY_FILE must name existing files"
+  [ -f "$1" ] && [ -s "$1" ] || return 1
+  [ -r "$1" ] || die "$1 cannot be read"
+}
+tls=off
+case "${HERALD_TLS:-auto}" in
+  auto | on)
+    have=""
+    if tls_file "$tls_dir/cert.pem"; then have="${have}c"; fi
+    if tls_file "$tls_dir/key.pem"; then have="${have}k"; fi
+    case "$have" in
+      ck) tls=on ;;
+      c) die "TLS: a certificate but no key (set TLS_KEY_FILE too)" ;;
+      k) die "TLS: a key but no certificate (set TLS_CERT_FILE too)" ;;
+      *) [ "${HERALD_TLS:-auto}" = auto ] \
+        || die "HERALD_TLS=on: no certificate and key in $tls_dir (set TLS_CERT_FILE and TLS_KEY_FILE)" ;;
+    esac
+    ;;
+  off) ;;
+  *) die "HERALD_TLS: '${HERALD_TLS}' is not auto, on or off" ;;
+esac
+case "${TLS_REDIRECT:-false}" in
+  true | false) ;;
+  *) die "TLS_REDIRECT: '${TLS_REDIRECT}' is not true or false" ;;
+esac
+tls_port=${HERALD_TLS_PORT:-8443}
+printf '%s\n' "$tls_port" | grep -Eqx '[1-9][0-9]{0,4}' && [ "$tls_port" -le 65535 ] \
+  || die "HERALD_TLS_PORT: '$tls_port' is not a port (1-65535)"
+tls_listen=""
+tls_redirect=""
+hsts=""
+if [ "$tls" = on ]; then
+  # `nginx -v` prints e.g. "nginx version: nginx/1.28.0" (on stderr): 1028000.
+  version=$(nginx -v 2>&1 | awk -F'[/.]' '/^nginx version: / && $2 ~ /^[0-9]+$/ { print $2 * 1000000 + $3 * 1000 + $4; exit }')
+  [ -n "$version" ] || die "TLS: cannot tell nginx's version from 'nginx -v'"
+  if [ "$version" -ge 1025001 ]; then
+    tls_listen="listen 443 ssl default_server; http2 on;"
+  else
+    tls_listen="listen 443 ssl http2 default_server;"
+  fi
+  tls_listen="$tls_listen include /etc/nginx/conf.d/herald-tls.inc;"
+  if [ "${TLS_REDIRECT:-false}" = true ]; then
+    authority='$host'
+    [ "$tls_port" = 443 ] || authority="\$host:$tls_port"
+    tls_redirect="if (\$herald_to_https) { return 308 https://$authority\$request_uri; }"
+    hsts="max-age=63072000"
+  fi
+elif [ "${TLS_REDIRECT:-false}" = true ]; then
+  echo "herald-nginx: TLS_REDIRECT=true is ignored: TLS is off (no TLS_CERT_FILE, TLS_KEY_FILE)" >&2
+fi
+export HERALD_TLS_LISTEN="$tls_listen"
+export HERALD_TLS_REDIRECT="$tls_redirect"
+export HERALD_HSTS="$hsts"
+
+# --- 6. nginx's stderr through the redacting filter ----------------------------
 # Every query string (from '?' up to a space or quote) becomes '?[redacted]';
 # a line that still names a token parameter after that (a request line with
 # spaces or quotes in its query), however its name is percent-encoded, loses

@@ -1,3 +1,6 @@
+# Twins: write_error() here and in stream-service/stream/server.py are
+# identical, so both services answer gunicorn's own refusals alike: change both
+# together (tests/unit/test_conventions.py checks it).
 """Everything the publisher relies on in gunicorn beyond WSGI, in one place:
 its worker, gevent's, with one write per answer and a prompt stop.
 
@@ -19,6 +22,10 @@ Written for gunicorn 27 (requirements.txt pins 27.0.1), it relies on:
 
 - `gunicorn.util.http_date()`: what gunicorn calls for each answer's Date
   header (`http/wsgi.py`); replaced in each worker process by `_HttpDate`.
+- `gunicorn.util.write_error(sock, status_int, reason, mesg)`: what the
+  worker's `handle_error` calls to answer a request gunicorn itself refuses
+  (its parser, its limits); replaced in each worker process by `write_error`,
+  which answers JSON.
 - `GeventWorker.handle_request(listener_name, req, sock, addr)`: writes the
   whole answer on `sock` with `sendall` (`workers/base_async.py`); given a
   `_OneWrite` in its place.
@@ -46,6 +53,7 @@ refusal. To upgrade: check each piece above against the new gunicorn's
 
 from __future__ import annotations
 
+import json
 import time
 from types import FrameType
 from typing import Any
@@ -59,6 +67,33 @@ WRITTEN_FOR = 27  # gunicorn's major version
 
 # How long a connection waits for its next request once the worker is stopping.
 STOPPING_WAIT_SECONDS = 1.0
+
+
+def write_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's own error answer (`gunicorn.util.write_error`), as JSON.
+
+    gunicorn answers a request it cannot parse or refuses by its limits (a
+    malformed request line, over 100 header fields, a field over 8190 bytes:
+    over HTTP/2 nginx measures fields compressed and lets such ones through)
+    before the app sees it, with an HTML page. This writes the services' JSON
+    error instead, `{"error": code, "message": message}`, with a fixed message
+    per status: gunicorn's own (`mesg`) can quote the request line, and with
+    it a token in the query string.
+    """
+    code, message = {
+        403: ("forbidden", "the request is forbidden"),
+        414: ("uri_too_long", "the request URI is too long"),
+        417: ("expectation_failed", "the request's Expect header cannot be met"),
+        431: ("header_too_large", "the request has too many header fields, or one too large"),
+        500: ("internal_error", "an unexpected error occurred"),
+        501: ("not_implemented", "the request's transfer coding is not supported"),
+    }.get(status_int, ("bad_request", "the request is malformed"))
+    body = json.dumps({"error": code, "message": message}).encode() + b"\n"
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    util.write_nonblock(sock, head.encode("latin-1") + body)
 
 
 def check_version(version: tuple[int, ...] = gunicorn.version_info) -> None:
@@ -168,6 +203,7 @@ class Worker(GeventWorker):  # type: ignore[misc]  # gunicorn ships no type hint
         self.waits: set[_WaitForRequest] = set()  # connections waiting for a request
         self.keepalive = self.cfg.keepalive
         util.http_date = _HttpDate(util.http_date)  # in this worker process only
+        util.write_error = write_error
         super().init_process()
 
     def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:

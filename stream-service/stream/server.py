@@ -1,3 +1,6 @@
+# Twins: write_error() here and in publisher-service/publisher/server.py are
+# identical, so both services answer gunicorn's own refusals alike: change both
+# together (tests/unit/test_conventions.py checks it).
 """Everything the stream service relies on in gunicorn beyond WSGI, in one place.
 
 The handover (handover.py) and the worker hooks need more of gunicorn than WSGI
@@ -16,6 +19,10 @@ gives. Every such piece is here, written for gunicorn 27 (requirements.txt pins
 - The hooks `post_worker_init` and `worker_exit` (gunicorn.conf.py names them):
   they read the worker's `alive`, its `wsgi` (the Flask app) and whether it is
   an `AsyncWorker`.
+- `gunicorn.util.write_error(sock, status_int, reason, mesg)`: what the
+  worker's `handle_error` calls to answer a request gunicorn itself refuses
+  (its parser, its limits); replaced in each worker process by `write_error`,
+  which answers JSON.
 - gunicorn.conf.py's other settings, `control_socket_disable` (new in 27)
   among them; and `http_protocols` left at its default, HTTP/1.1 only (the
   handover writes an HTTP/1.1 head).
@@ -35,11 +42,13 @@ above against the new gunicorn's `workers/base_async.py`, `workers/ggevent.py`,
 from __future__ import annotations
 
 import gc
+import json
 import socket
 from typing import Any
 
 import gevent
 import gunicorn
+from gunicorn import util
 from gunicorn.workers.base_async import ALREADY_HANDLED as ALREADY_HANDLED
 from gunicorn.workers.base_async import AsyncWorker
 
@@ -53,6 +62,33 @@ HUB = "herald.hub"  # app.extensions key: the worker's hub, for the hooks
 # 27's keep-alive loop would (it ignores a handled-elsewhere answer). The other
 # endpoints (health checks, /stats, /metrics) lose nothing worth keeping.
 KEEPALIVE = 0
+
+
+def write_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's own error answer (`gunicorn.util.write_error`), as JSON.
+
+    gunicorn answers a request it cannot parse or refuses by its limits (a
+    malformed request line, over 100 header fields, a field over 8190 bytes:
+    over HTTP/2 nginx measures fields compressed and lets such ones through)
+    before the app sees it, with an HTML page. This writes the services' JSON
+    error instead, `{"error": code, "message": message}`, with a fixed message
+    per status: gunicorn's own (`mesg`) can quote the request line, and with
+    it a token in the query string.
+    """
+    code, message = {
+        403: ("forbidden", "the request is forbidden"),
+        414: ("uri_too_long", "the request URI is too long"),
+        417: ("expectation_failed", "the request's Expect header cannot be met"),
+        431: ("header_too_large", "the request has too many header fields, or one too large"),
+        500: ("internal_error", "an unexpected error occurred"),
+        501: ("not_implemented", "the request's transfer coding is not supported"),
+    }.get(status_int, ("bad_request", "the request is malformed"))
+    body = json.dumps({"error": code, "message": message}).encode() + b"\n"
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    util.write_nonblock(sock, head.encode("latin-1") + body)
 
 
 def check_version(version: tuple[int, ...] = gunicorn.version_info) -> None:
@@ -82,6 +118,7 @@ def post_worker_init(worker: Any) -> None:
     # An async worker honours ALREADY_HANDLED: stream connections are handed
     # over to their writers and no greenlet waits per stream (stream/handover.py).
     worker.wsgi.config[HANDOVER] = isinstance(worker, AsyncWorker)
+    util.write_error = write_error  # in this worker process only
 
     # Everything loaded so far lives as long as the worker: keep it out of the
     # garbage collector's full passes, which otherwise pause every stream.

@@ -526,6 +526,10 @@ def test_every_setting_a_container_reads_is_given_to_it(name: str) -> None:
         "HERALD_SERVICE_DOMAIN",
         "HERALD_STREAM_SERVERS",
         "HERALD_STREAM_TARGET",
+        "HERALD_TLS_DIR",
+        "HERALD_TLS_LISTEN",
+        "HERALD_TLS_REDIRECT",
+        "HERALD_HSTS",
     }
     read |= {
         "REAL_IP_FROM",

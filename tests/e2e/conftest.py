@@ -122,6 +122,18 @@ FRONT_DOOR_SETTINGS = {
 }
 
 
+# HTTPS with HTTP/2 at the front door (tests/e2e/test_tls.py, docs/tls.md): a
+# certificate from scripts/dev-cert.sh (added by the tls_stack fixture), the
+# redirect from plain HTTP on, and 12 streams per client address: a browser's
+# 12 streams over one HTTP/2 connection fit, a 13th is refused. Each curl of
+# those tests is "another client" by X-Forwarded-For, as on the front_door stack.
+TLS_SETTINGS = {
+    "TLS_REDIRECT": "true",
+    "STREAMS_PER_IP": "12",
+    "REAL_IP_FROM": FRONT_DOOR_SETTINGS["REAL_IP_FROM"],
+}
+
+
 @contextlib.contextmanager
 def running_stack(
     workdir: Path, overrides: dict[str, str] | None = None, files: tuple[str, ...] = ()
@@ -197,6 +209,31 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 def front_door(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A stack with FRONT_DOOR_SETTINGS, shared by the tests of the front door's limits."""
     with running_stack(tmp_path_factory.mktemp("herald-e2e-front-door"), FRONT_DOOR_SETTINGS) as the_stack:
+        yield the_stack
+
+
+@pytest.fixture(scope="module")
+def tls_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A stack with TLS_SETTINGS and a certificate for 127.0.0.1 and localhost
+    signed by a local CA (scripts/dev-cert.sh; the CA is ca.pem beside
+    TLS_CERT_FILE), HTTPS on its own free port (HERALD_TLS_PORT)."""
+    workdir = tmp_path_factory.mktemp("herald-e2e-tls")
+    cert_dir = workdir / "dev-cert"
+    made = subprocess.run(
+        ["sh", str(E2E_DIR.parents[1] / "scripts" / "dev-cert.sh"), str(cert_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr
+    overrides = {
+        **TLS_SETTINGS,
+        "HERALD_TLS_PORT": str(free_port()),
+        "TLS_CERT_FILE": str(cert_dir / "cert.pem"),
+        "TLS_KEY_FILE": str(cert_dir / "key.pem"),
+    }
+    with running_stack(workdir, overrides) as the_stack:
         yield the_stack
 
 

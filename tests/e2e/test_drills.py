@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import requests
 
 from tests.e2e.drills import (
     Drill,
@@ -98,9 +99,16 @@ def test_containers_run_with_least_privilege(
             assert status["NoNewPrivs"].strip() == "1", where
             published = {port: b for port, b in (info["NetworkSettings"]["Ports"] or {}).items() if b}
             if service == "nginx":
-                # The master starts as root to bind :80 (documented); nothing else is published.
-                assert set(published) == {"80/tcp"}, (where, published)
-                assert {b["HostIp"] for b in published["80/tcp"]} == {"127.0.0.1"}, published
+                # The master starts as root to bind :80 (documented); nothing else
+                # is published but 443, which compose.yaml always lists: without a
+                # certificate (this stack) on a port Docker picks, where nothing answers.
+                assert set(published) == {"80/tcp", "443/tcp"}, (where, published)
+                assert {b["HostIp"] for b in published["80/tcp"] + published["443/tcp"]} == {"127.0.0.1"}, (
+                    published
+                )
+                tls_port = published["443/tcp"][0]["HostPort"]
+                with pytest.raises(requests.ConnectionError):
+                    requests.get(f"http://127.0.0.1:{tls_port}/healthz", timeout=5)
                 assert host.get("CapAdd"), where  # only the few it needs, ALL dropped above
                 binding = published["80/tcp"][0]
                 seen[service] = f"published {binding['HostIp']}:{binding['HostPort']} only"

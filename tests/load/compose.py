@@ -434,15 +434,21 @@ class ComposeStack:
 
 
 def start_compose(
-    tmp: Path, *, max_connections: int, paths: tuple[str, ...], transport: str = "unix"
+    tmp: Path,
+    *,
+    max_connections: int,
+    paths: tuple[str, ...],
+    transport: str = "unix",
+    extra: dict[str, str] | None = None,
 ) -> ComposeStack:
     """`up --build --wait` of the bench's own project; taken down again if anything fails.
 
-    `transport`: STREAM_TRANSPORT (tests.load.stack.TRANSPORTS).
+    `transport`: STREAM_TRANSPORT (tests.load.stack.TRANSPORTS); `extra`: more
+    settings (the TLS bench's certificate, tests/load/tls.py).
     """
     project = f"herald-bench-{os.getpid()}"
     port = free_port()
-    settings = bench_settings(project, port, max_connections, transport)
+    settings = {**bench_settings(project, port, max_connections, transport), **(extra or {})}
     env_file = tmp / "bench.env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
     stack = ComposeStack(project, port, env_file, settings, tmp, paths)

@@ -66,6 +66,10 @@ NGINX_VARS = {
     # No `resolve` in the upstream block: the services are at fixed loopback ports
     # (and Debian's nginx 1.22 does not have it).
     "NGINX_UPSTREAM_RESOLVE": "",
+    # No TLS (nginx/entrypoint.sh renders these empty without a certificate).
+    "HERALD_TLS_LISTEN": "",
+    "HERALD_TLS_REDIRECT": "",
+    "HERALD_HSTS": "",
 }
 
 

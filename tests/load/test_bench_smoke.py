@@ -277,3 +277,22 @@ def test_the_webhook_bench_runs_end_to_end_and_checks_delivery(tmp_path: Path) -
     assert report["delivery"]["received"] == 120 and report["delivery"]["duplicates"] == 0
     assert report["latency"]["received"] == report["latency"]["events"]
     assert report["presence_on"]["redis_us_per_channel"] > 0 < report["presence_off"]["redis_us_per_channel"]
+
+
+def test_the_tls_bench_runs_end_to_end_over_three_ways(tmp_path: Path) -> None:
+    """`python -m tests.load.tls` at a small size: plain HTTP/1.1, HTTPS with
+    HTTP/1.1 and HTTPS with HTTP/2 each deliver every event to every subscriber
+    (the bench checks order and count), HTTP/2 on one connection."""
+    require_docker("the TLS bench smoke test")
+    out = tmp_path / "tls.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.load.tls", "--subscribers", "8", "--events", "10", "--rate", "50",
+         "--max-seconds", "300", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = {row["way"]: row for row in json.loads(out.read_text())}
+    assert set(rows) == {"http/1.1", "https h1", "https h2"}
+    assert all(row["deliveries"] == 80 and row["nginx us/delivery"] > 0 for row in rows.values())
+    assert rows["https h2"]["client connections"] == 1
+    assert rows["http/1.1"]["client connections"] == rows["https h1"]["client connections"] == 8

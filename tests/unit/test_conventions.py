@@ -48,6 +48,9 @@ TWINS = {
         "publisher-service/gunicorn.conf.py",
         functions=("on_starting", "child_exit"),
     ),
+    "gunicorn's own errors as JSON": Twins(
+        "stream-service/stream/server.py", "publisher-service/publisher/server.py", functions=("write_error",)
+    ),
     "JSON errors": Twins(
         "stream-service/stream/errors.py",
         "publisher-service/publisher/errors.py",
