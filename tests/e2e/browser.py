@@ -57,3 +57,33 @@ def headless_chromium(*arguments: str, script_timeout: float | None = None) -> I
         yield driver
     finally:
         driver.quit()
+
+
+def open_tabs(driver: Any, url: str, count: int) -> list[str]:
+    """`count` tabs showing `url` (the first is the driver's current one): their handles."""
+    driver.get(url)
+    handles = [driver.current_window_handle]
+    for _ in range(count - 1):
+        driver.switch_to.new_window("tab")
+        driver.get(url)
+        handles.append(driver.current_window_handle)
+    return handles
+
+
+def in_tab(driver: Any, handle: str, script: str, *args: Any) -> Any:
+    """Run `script` (execute_script) in the tab `handle`, which becomes the current one."""
+    driver.switch_to.window(handle)
+    return driver.execute_script(script, *args)
+
+
+def in_tab_async(driver: Any, handle: str, script: str, *args: Any) -> Any:
+    """Run `script` (execute_async_script) in the tab `handle`, which becomes the current one."""
+    driver.switch_to.window(handle)
+    return driver.execute_async_script(script, *args)
+
+
+def close_tab(driver: Any, handle: str, then: str) -> None:
+    """Close the tab `handle` (its page goes as when the user closes it); `then` becomes current."""
+    driver.switch_to.window(handle)
+    driver.close()
+    driver.switch_to.window(then)
