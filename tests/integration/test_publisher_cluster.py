@@ -258,8 +258,12 @@ def test_a_killed_master_costs_no_acknowledged_event(cluster: Cluster, publisher
         assert answer.headers["Retry-After"] == "1"
         errors.append(body["error"])
         if body["error"] == "partially_stored":
-            # The partitions on the masters still up were stored, the victim's was not.
-            assert [e is not None for e in body["events"]] == [True] * (len(channels) - 1) + [False]
+            # The victim's partition was not stored; the others were, but for
+            # those after the moment the cluster marked the victim failed: every
+            # master then refuses writes (CLUSTERDOWN, cluster-require-full-coverage)
+            # until its replica takes over. Whatever the answer names is checked below.
+            stored = [e is not None for e in body["events"]]
+            assert stored[-1] is False and any(stored[:-1]), body
             outcome[name] = body["events"]
         else:
             assert body["error"] == "redis_unavailable", body
