@@ -211,5 +211,5 @@ sed -u -E \
 exec 2>"$fifo_dir/stderr"
 rm -r "$fifo_dir"  # both ends are open: the pipe lives on without its name
 
-# The image's own entrypoint (another one only in tests/unit/test_front_door_config.py).
+# The image's own entrypoint (another one only in tests/unit/test_front_door_config.py and test_front_door_tls.py).
 exec "${HERALD_IMAGE_ENTRYPOINT:-/docker-entrypoint.sh}" "$@"
